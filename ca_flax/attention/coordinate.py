@@ -1,0 +1,102 @@
+"""Coordinate Attention (Hou, Zhou, Feng, CVPR 2021), exactly as the released block."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from ca_flax.layers.activations import ActivationLike, get_activation
+from ca_flax.layers.conv import PointwiseConv, conv_kernel_init
+from ca_flax.layers.norm import BatchNorm
+
+Directions = Literal["both", "h", "w"]
+
+
+def _check_feature_map(x: jax.Array, name: str) -> None:
+    if x.ndim != 4:
+        raise ValueError(f"{name} expects an NHWC feature map of rank 4, got shape {x.shape}.")
+
+
+def _check_reduction(reduction: int, min_channels: int, name: str) -> None:
+    if not isinstance(reduction, int) or reduction < 1:
+        raise ValueError(f"{name}: reduction must be a positive integer, got {reduction!r}.")
+    if not isinstance(min_channels, int) or min_channels < 1:
+        raise ValueError(f"{name}: min_channels must be a positive integer, got {min_channels!r}.")
+
+
+class CoordinateAttention(nn.Module):
+    """Coordinate Attention on an NHWC feature map; the output has the input's shape.
+
+    1. Pool along W (one descriptor per row) and along H (one per column).
+    2. Concatenate the H + W strips, 1x1 conv (with bias) to ``mip = max(min_channels,
+       C // reduction)`` channels, BatchNorm with statistics shared by all H + W
+       positions, activation (h_swish).
+    3. Split back, a 1x1 conv (with bias) and a sigmoid per direction give ``a_h``
+       (N, H, 1, C) and ``a_w`` (N, 1, W, C); the output is ``x * a_w * a_h``.
+
+    Attributes:
+      reduction: channel reduction of the shared 1x1 conv (32 in the paper).
+      min_channels: lower bound of the reduced width (8 in the paper).
+      activation: after the shared conv's BatchNorm (``'hard_swish'``; the authors
+        report it beats ReLU6 here).
+      directions: ``'both'`` (the paper's block), or ``'h'`` / ``'w'`` for attention along
+        one direction only (the paper's ablation: the other gate is dropped, not set to 1
+        by a layer, so no parameters exist for it).
+      dtype, param_dtype: computation and parameter dtypes.
+    Submodules: ``reduce`` (shared conv), ``bn``, ``gate_h``, ``gate_w`` (the released
+    MobileNetV2 code's ``conv1``, ``bn1``, ``conv2``, ``conv3``).
+    """
+
+    reduction: int = 32
+    min_channels: int = 8
+    activation: ActivationLike = "hard_swish"
+    directions: Directions = "both"
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        _check_feature_map(x, "CoordinateAttention")
+        _check_reduction(self.reduction, self.min_channels, "CoordinateAttention")
+        if self.directions not in ("both", "h", "w"):
+            raise ValueError(f"CoordinateAttention: directions must be 'both', 'h' or 'w', got {self.directions!r}.")
+        _, height, width, channels = x.shape
+        mip = max(self.min_channels, channels // self.reduction)
+        dtype = self.dtype or x.dtype
+        conv = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=conv_kernel_init)
+
+        # Directional average pools, accumulated in float32: (N, H, C) and (N, W, C).
+        strips = []
+        if self.directions in ("both", "h"):
+            strips.append(jnp.mean(x, axis=2, dtype=jnp.float32).astype(dtype))
+        if self.directions in ("both", "w"):
+            strips.append(jnp.mean(x, axis=1, dtype=jnp.float32).astype(dtype))
+        y = jnp.concatenate(strips, axis=1) if len(strips) > 1 else strips[0]
+
+        y = PointwiseConv(mip, use_bias=True, name="reduce", **conv)(y)
+        # Statistics over N and all H + W positions jointly, as BatchNorm2d on the
+        # concatenated (N, mip, H + W, 1) tensor of the released code.
+        y = BatchNorm(
+            momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype,
+            param_dtype=self.param_dtype, name="bn",
+        )(y, use_running_average=not train)
+        y = get_activation(self.activation)(y)
+
+        out = x
+        if self.directions == "both":
+            y_h, y_w = y[:, :height], y[:, height:]
+        else:
+            y_h = y_w = y
+        # The released code multiplies identity * a_w * a_h, in that order.
+        if self.directions in ("both", "w"):
+            a_w = jax.nn.sigmoid(PointwiseConv(channels, use_bias=True, name="gate_w", **conv)(y_w))
+            out = out * a_w[:, None, :, :]
+        if self.directions in ("both", "h"):
+            a_h = jax.nn.sigmoid(PointwiseConv(channels, use_bias=True, name="gate_h", **conv)(y_h))
+            out = out * a_h[:, :, None, :]
+        return out

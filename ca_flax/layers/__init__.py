@@ -1,0 +1,25 @@
+"""Building blocks shared by the attention modules and the networks."""
+
+from ca_flax.layers.activations import get_activation, hard_sigmoid, hard_swish, list_activations, relu6
+from ca_flax.layers.conv import ConvBNAct, PointwiseConv, conv_kernel_init, dense_kernel_init, symmetric_padding
+from ca_flax.layers.depthwise import IMPLEMENTATIONS as DEPTHWISE_IMPLEMENTATIONS
+from ca_flax.layers.depthwise import DepthwiseConv, depthwise_conv, resolve_impl
+from ca_flax.layers.norm import BatchNorm
+
+__all__ = [
+    "BatchNorm",
+    "ConvBNAct",
+    "DEPTHWISE_IMPLEMENTATIONS",
+    "DepthwiseConv",
+    "PointwiseConv",
+    "conv_kernel_init",
+    "dense_kernel_init",
+    "depthwise_conv",
+    "get_activation",
+    "hard_sigmoid",
+    "hard_swish",
+    "list_activations",
+    "relu6",
+    "resolve_impl",
+    "symmetric_padding",
+]

@@ -1,0 +1,109 @@
+"""Convolutions with PyTorch-style padding, 1x1 convolutions as matmuls, and the
+conv -> BatchNorm -> activation unit MobileNets are built from."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from ca_flax.layers.activations import ActivationLike, get_activation
+from ca_flax.layers.depthwise import DepthwiseConv, DepthwiseImpl
+from ca_flax.layers.norm import BatchNorm
+
+# The released code's init: N(0, sqrt(2 / (k * k * out_channels))), i.e. He-normal over
+# fan-out. jax's 'normal' distribution is untruncated, as torch's normal_.
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# Linear layers: N(0, 0.01), bias 0.
+dense_kernel_init = nn.initializers.normal(stddev=0.01)
+
+
+def symmetric_padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """PyTorch's ``padding=k // 2`` on both sides. Flax's 'SAME' pads (0, 1) at stride 2
+    on even inputs, which shifts every window by one pixel relative to PyTorch."""
+    if kernel_size % 2 != 1:
+        raise ValueError(f"Symmetric padding needs an odd kernel size, got {kernel_size}.")
+    p = kernel_size // 2
+    return ((p, p), (p, p))
+
+
+class PointwiseConv(nn.Module):
+    """1x1 convolution computed as a matmul over the last axis.
+
+    Accepts any rank (NHWC maps, or N x L x C sequences such as the CA block's pooled
+    strips). The kernel keeps ``nn.Conv``'s ``(1, 1, in, out)`` layout so checkpoints match
+    a 1x1 ``nn.Conv``; XLA's CPU convolution is 2 to 4x slower than the dot for 1x1.
+    """
+
+    features: int
+    use_bias: bool = False
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    kernel_init: Callable[..., jax.Array] = conv_kernel_init
+    bias_init: Callable[..., jax.Array] = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = jax.lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
+        return y + bias if bias is not None else y
+
+
+ConvKind = Literal["full", "depthwise", "pointwise"]
+
+
+class ConvBNAct(nn.Module):
+    """Convolution (no bias) -> BatchNorm -> activation, the MobileNet building unit.
+
+    Attributes:
+      features: output channels (ignored for ``kind='depthwise'``: same as input).
+      kernel_size: spatial size; padding is ``kernel_size // 2`` on every side.
+      stride: spatial stride.
+      kind: ``'full'`` (dense k x k conv), ``'depthwise'`` or ``'pointwise'`` (1x1).
+      activation: name or callable, ``None`` for a linear unit.
+      depthwise_impl: implementation of depthwise convolutions (see ``DepthwiseConv``).
+      bn_momentum, bn_epsilon: BatchNorm settings (PyTorch defaults).
+    Submodules are named ``conv`` and ``bn``.
+    """
+
+    features: int
+    kernel_size: int = 3
+    stride: int = 1
+    kind: ConvKind = "full"
+    activation: ActivationLike = "relu6"
+    depthwise_impl: DepthwiseImpl = "auto"
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        common = dict(dtype=self.dtype, param_dtype=self.param_dtype, name="conv")
+        if self.kind == "depthwise":
+            conv = DepthwiseConv(
+                kernel_size=self.kernel_size, stride=self.stride, impl=self.depthwise_impl,
+                kernel_init=conv_kernel_init, **common,
+            )
+        elif self.kind == "pointwise":
+            if self.kernel_size != 1 or self.stride != 1:
+                raise ValueError("A pointwise convolution has kernel_size 1 and stride 1.")
+            conv = PointwiseConv(self.features, kernel_init=conv_kernel_init, **common)
+        elif self.kind == "full":
+            conv = nn.Conv(
+                self.features, (self.kernel_size, self.kernel_size), strides=self.stride,
+                padding=symmetric_padding(self.kernel_size), use_bias=False,
+                kernel_init=conv_kernel_init, **common,
+            )
+        else:
+            raise ValueError(f"Unknown convolution kind {self.kind!r}; use 'full', 'depthwise' or 'pointwise'.")
+        x = conv(x)
+        x = BatchNorm(
+            momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype,
+            param_dtype=self.param_dtype, name="bn",
+        )(x, use_running_average=not train)
+        return get_activation(self.activation)(x)

@@ -1,0 +1,252 @@
+"""Depthwise convolution with selectable implementations.
+
+XLA lowers a grouped convolution with ``feature_group_count == channels`` to a slow
+generic kernel on CPU (5 to 16x slower than the same arithmetic written as shifted
+multiply-adds) and its backward pass is slow on GPU too (jax issue 13800). This module
+keeps one parameter layout, ``(kH, kW, 1, C)`` exactly as ``flax.linen.Conv`` with
+``feature_group_count=C`` stores it, and lets the caller choose how it is computed:
+
+- ``'xla'``: ``lax.conv_general_dilated`` with ``feature_group_count=C``.
+- ``'shift'``: the kernel as ``kH * kW`` shifted, strided slices of the padded input,
+  each scaled by one tap, summed; gradients by autodiff.
+- ``'shift_vjp'``: the same forward with a hand-written backward pass: the input
+  gradient is again a shifted-taps correlation (for stride 2 split into its four
+  polyphase components, so no multiply touches an inserted zero), the kernel gradient
+  one reduction per tap.
+- ``'auto'``: the fastest for the backend the computation runs on (:func:`resolve_impl`).
+
+Padding is symmetric, ``kernel_size // 2`` on every side, as PyTorch's
+``Conv2d(padding=k // 2)`` does; Flax's ``'SAME'`` pads asymmetrically at stride 2.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Literal
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from jax import lax
+
+DepthwiseImpl = Literal["auto", "xla", "shift", "shift_vjp"]
+IMPLEMENTATIONS: tuple[str, ...] = ("xla", "shift", "shift_vjp")
+
+# Fastest implementation per backend, from benchmarks/depthwise.py (see README).
+# TPUs have a native depthwise convolution unit, so XLA's own lowering is kept there.
+_AUTO_BY_BACKEND = {"cpu": "shift_vjp", "gpu": "shift_vjp", "cuda": "shift_vjp", "rocm": "shift_vjp", "tpu": "xla"}
+
+
+def resolve_impl(impl: str, backend: str | None = None) -> str:
+    """Returns the concrete implementation name for ``impl`` on ``backend``.
+
+    ``'auto'`` maps to the fastest implementation measured for the backend (default:
+    ``jax.default_backend()``); other names are validated and returned unchanged.
+    """
+    if impl == "auto":
+        return _AUTO_BY_BACKEND.get(backend or jax.default_backend(), "xla")
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"Unknown depthwise implementation {impl!r}; choose one of "
+            f"{('auto',) + IMPLEMENTATIONS}."
+        )
+    return impl
+
+
+def _check_args(x: jax.Array, kernel: jax.Array, stride: int) -> None:
+    if x.ndim != 4:
+        raise ValueError(f"Depthwise convolution expects NHWC input of rank 4, got shape {x.shape}.")
+    kh, kw, one, channels = kernel.shape
+    if one != 1 or channels != x.shape[-1]:
+        raise ValueError(
+            f"Depthwise kernel must have shape (kH, kW, 1, C) with C = {x.shape[-1]} input "
+            f"channels, got {kernel.shape}."
+        )
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f"Depthwise kernel size must be odd for symmetric padding, got {(kh, kw)}.")
+    if stride < 1:
+        raise ValueError(f"Stride must be a positive integer, got {stride}.")
+
+
+def _out_size(size: int, k: int, stride: int) -> int:
+    return (size + 2 * (k // 2) - k) // stride + 1
+
+
+def depthwise_conv_xla(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """XLA's grouped convolution: the reference every other implementation must equal."""
+    kh, kw = kernel.shape[:2]
+    return lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=(stride, stride),
+        padding=((kh // 2, kh // 2), (kw // 2, kw // 2)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=x.shape[-1],
+    )
+
+
+def _shifted_taps(padded: jax.Array, kernel: jax.Array, stride: int, out_h: int, out_w: int) -> jax.Array:
+    """Sum over taps (a, b) of ``padded[:, a::stride, b::stride] * kernel[a, b]``.
+
+    ``padded`` is the input already padded; the slices start at each tap's offset and
+    take ``out_h x out_w`` positions with the given stride.
+    """
+    kh, kw = kernel.shape[:2]
+    out = None
+    for a in range(kh):
+        for b in range(kw):
+            window = lax.slice(
+                padded,
+                (0, a, b, 0),
+                (padded.shape[0], a + stride * (out_h - 1) + 1, b + stride * (out_w - 1) + 1, padded.shape[3]),
+                (1, stride, stride, 1),
+            )
+            term = window * kernel[a, b, 0]
+            out = term if out is None else out + term
+    return out
+
+
+def depthwise_conv_shift(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """Depthwise convolution as shifted multiply-adds; gradients by autodiff."""
+    kh, kw = kernel.shape[:2]
+    out_h, out_w = _out_size(x.shape[1], kh, stride), _out_size(x.shape[2], kw, stride)
+    padded = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+    return _shifted_taps(padded, kernel.astype(x.dtype), stride, out_h, out_w)
+
+
+def _input_grad_stride1(dy: jax.Array, kernel: jax.Array) -> jax.Array:
+    """d(loss)/dx for stride 1: a correlation of the padded output gradient with the
+    kernel flipped in both spatial axes, again as shifted taps."""
+    kh, kw = kernel.shape[:2]
+    padded = jnp.pad(dy, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+    return _shifted_taps(padded, kernel[::-1, ::-1], 1, dy.shape[1], dy.shape[2])
+
+
+def _input_grad_strided(dy: jax.Array, kernel: jax.Array, stride: int, in_h: int, in_w: int) -> jax.Array:
+    """d(loss)/dx for stride > 1, one polyphase component at a time.
+
+    Padded input row ``u = stride * i + a`` receives ``dy[i] * k[a]``. Rows of one
+    residue ``r = u mod stride`` only see taps ``a = r, r + stride, ...``, so each
+    component is a small stride-1 sum over the output gradient; the components are
+    then interleaved and the padding is cropped off.
+    """
+    kh, kw = kernel.shape[:2]
+    n, out_h, out_w, c = dy.shape
+    ph, pw = kh // 2, kw // 2
+    # Padded-input extent rounded up to whole phase periods.
+    rows = -(-(in_h + 2 * ph) // stride)
+    cols = -(-(in_w + 2 * pw) // stride)
+    # Output-gradient index i contributes to phase row m = i + a // stride: pad dy so
+    # every shifted read stays in bounds.
+    max_shift_h, max_shift_w = (kh - 1) // stride, (kw - 1) // stride
+    dy_padded = jnp.pad(
+        dy,
+        ((0, 0), (max_shift_h, max(0, rows - out_h)), (max_shift_w, max(0, cols - out_w)), (0, 0)),
+    )
+    phases = []
+    for r in range(stride):
+        row_phases = []
+        for s in range(stride):
+            acc = jnp.zeros((n, rows, cols, c), dy.dtype)
+            for a in range(r, kh, stride):
+                for b in range(s, kw, stride):
+                    sh, sw = max_shift_h - a // stride, max_shift_w - b // stride
+                    acc = acc + dy_padded[:, sh : sh + rows, sw : sw + cols] * kernel[a, b, 0]
+            row_phases.append(acc)
+        phases.append(jnp.stack(row_phases, axis=3))  # (n, rows, cols, stride_w, c)
+    grid = jnp.stack(phases, axis=2)  # (n, rows, stride_h, cols, stride_w, c)
+    full = grid.reshape(n, rows * stride, cols * stride, c)
+    return full[:, ph : ph + in_h, pw : pw + in_w]
+
+
+def _kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape: tuple[int, ...], stride: int) -> jax.Array:
+    """d(loss)/d(kernel)[a, b, 0, c] = sum over n, i, j of x_padded[window(a, b)] * dy."""
+    kh, kw = kernel_shape[:2]
+    out_h, out_w = dy.shape[1], dy.shape[2]
+    padded = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+    taps = []
+    for a in range(kh):
+        for b in range(kw):
+            window = lax.slice(
+                padded,
+                (0, a, b, 0),
+                (padded.shape[0], a + stride * (out_h - 1) + 1, b + stride * (out_w - 1) + 1, padded.shape[3]),
+                (1, stride, stride, 1),
+            )
+            # Accumulate in float32 at least: bf16 sums over a batch lose digits.
+            acc_dtype = jnp.promote_types(dy.dtype, jnp.float32)
+            taps.append(jnp.sum(window.astype(acc_dtype) * dy.astype(acc_dtype), axis=(0, 1, 2)))
+    return jnp.stack(taps).reshape(kh, kw, 1, -1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def depthwise_conv_shift_vjp(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """Depthwise convolution as shifted multiply-adds with a hand-written backward pass."""
+    return depthwise_conv_shift(x, kernel, stride)
+
+
+def _shift_vjp_fwd(x, kernel, stride):
+    return depthwise_conv_shift(x, kernel, stride), (x, kernel)
+
+
+def _shift_vjp_bwd(stride, residuals, dy):
+    x, kernel = residuals
+    k = kernel.astype(dy.dtype)
+    if stride == 1:
+        dx = _input_grad_stride1(dy, k)
+    else:
+        dx = _input_grad_strided(dy, k, stride, x.shape[1], x.shape[2])
+    dkernel = _kernel_grad(x, dy, kernel.shape, stride)
+    return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+depthwise_conv_shift_vjp.defvjp(_shift_vjp_fwd, _shift_vjp_bwd)
+
+_IMPL_FUNCTIONS: dict[str, Callable[[jax.Array, jax.Array, int], jax.Array]] = {
+    "xla": depthwise_conv_xla,
+    "shift": depthwise_conv_shift,
+    "shift_vjp": depthwise_conv_shift_vjp,
+}
+
+
+def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1, impl: DepthwiseImpl = "auto") -> jax.Array:
+    """Depthwise convolution of NHWC ``x`` with an ``(kH, kW, 1, C)`` kernel.
+
+    Pads ``k // 2`` on every side (PyTorch style) and returns
+    ``(N, (H - 1) // stride + 1, (W - 1) // stride + 1, C)`` for odd kernels.
+    All implementations give the same values and gradients to float tolerance.
+    """
+    _check_args(x, kernel, stride)
+    return _IMPL_FUNCTIONS[resolve_impl(impl)](x, kernel, stride)
+
+
+class DepthwiseConv(nn.Module):
+    """Depthwise ``kernel_size x kernel_size`` convolution, no bias, symmetric padding.
+
+    Attributes:
+      kernel_size: odd spatial size of the kernel (3 in MobileNetV2).
+      stride: 1 or 2 (any positive stride works).
+      impl: ``'auto'``, ``'xla'``, ``'shift'`` or ``'shift_vjp'``; see module docstring.
+        The parameter ``kernel`` has shape ``(k, k, 1, C)`` whatever is chosen, so
+        checkpoints do not depend on it.
+      dtype: computation dtype (e.g. ``jnp.bfloat16``); ``None`` keeps the input's.
+      param_dtype: dtype of the kernel parameter.
+      kernel_init: initializer of the kernel.
+    """
+
+    kernel_size: int = 3
+    stride: int = 1
+    impl: DepthwiseImpl = "auto"
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    kernel_init: Callable[..., jax.Array] = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if x.ndim != 4:
+            raise ValueError(f"DepthwiseConv expects NHWC input of rank 4, got shape {x.shape}.")
+        kernel = self.param(
+            "kernel", self.kernel_init, (self.kernel_size, self.kernel_size, 1, x.shape[-1]), self.param_dtype
+        )
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        return depthwise_conv(x, kernel, self.stride, self.impl)
