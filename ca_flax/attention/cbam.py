@@ -8,9 +8,10 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from ca_flax.attention.coordinate import _check_feature_map, _check_reduction
+from ca_flax.attention.common import GATE_SCOPE, check_feature_map, check_reduction
 from ca_flax.layers.activations import ActivationLike, get_activation
 from ca_flax.layers.conv import ConvBNAct, PointwiseConv, conv_kernel_init
+from ca_flax.layers.pooling import mean_pool
 
 
 class CBAM(nn.Module):
@@ -37,8 +38,8 @@ class CBAM(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        _check_feature_map(x, "CBAM")
-        _check_reduction(self.reduction, self.min_channels, "CBAM")
+        check_feature_map(x, "CBAM")
+        check_reduction(self.reduction, self.min_channels, "CBAM")
         channels = x.shape[-1]
         hidden = max(self.min_channels, channels // self.reduction)
         dtype = self.dtype or x.dtype
@@ -50,13 +51,15 @@ class CBAM(nn.Module):
         def mlp(v: jax.Array) -> jax.Array:
             return expand(act(reduce(v)))
 
-        avg = jnp.mean(x, axis=(1, 2), keepdims=True, dtype=jnp.float32).astype(dtype)
+        avg = mean_pool(x, axis=(1, 2), keepdims=True, dtype=dtype)
         mx = jnp.max(x, axis=(1, 2), keepdims=True).astype(dtype)
-        x = x * jax.nn.sigmoid(mlp(avg) + mlp(mx))
+        channel_gate = jax.nn.sigmoid(mlp(avg) + mlp(mx))
+        with jax.named_scope(GATE_SCOPE):
+            x = x * channel_gate
 
         pooled = jnp.concatenate(
             [jnp.max(x, axis=-1, keepdims=True).astype(dtype),
-             jnp.mean(x, axis=-1, keepdims=True, dtype=jnp.float32).astype(dtype)],
+             mean_pool(x, axis=-1, keepdims=True, dtype=dtype)],
             axis=-1,
         )
         gate = ConvBNAct(
@@ -64,4 +67,5 @@ class CBAM(nn.Module):
             bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
             dtype=self.dtype, param_dtype=self.param_dtype, name="spatial",
         )(pooled, train=train)
-        return x * gate
+        with jax.named_scope(GATE_SCOPE):
+            return x * gate

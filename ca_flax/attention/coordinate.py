@@ -8,23 +8,13 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from ca_flax.attention.common import GATE_SCOPE, check_feature_map, check_reduction
 from ca_flax.layers.activations import ActivationLike, get_activation
 from ca_flax.layers.conv import PointwiseConv, conv_kernel_init
 from ca_flax.layers.norm import BatchNorm
+from ca_flax.layers.pooling import mean_pool
 
 Directions = Literal["both", "h", "w"]
-
-
-def _check_feature_map(x: jax.Array, name: str) -> None:
-    if x.ndim != 4:
-        raise ValueError(f"{name} expects an NHWC feature map of rank 4, got shape {x.shape}.")
-
-
-def _check_reduction(reduction: int, min_channels: int, name: str) -> None:
-    if not isinstance(reduction, int) or reduction < 1:
-        raise ValueError(f"{name}: reduction must be a positive integer, got {reduction!r}.")
-    if not isinstance(min_channels, int) or min_channels < 1:
-        raise ValueError(f"{name}: min_channels must be a positive integer, got {min_channels!r}.")
 
 
 class CoordinateAttention(nn.Module):
@@ -61,8 +51,8 @@ class CoordinateAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        _check_feature_map(x, "CoordinateAttention")
-        _check_reduction(self.reduction, self.min_channels, "CoordinateAttention")
+        check_feature_map(x, "CoordinateAttention")
+        check_reduction(self.reduction, self.min_channels, "CoordinateAttention")
         if self.directions not in ("both", "h", "w"):
             raise ValueError(f"CoordinateAttention: directions must be 'both', 'h' or 'w', got {self.directions!r}.")
         _, height, width, channels = x.shape
@@ -70,12 +60,12 @@ class CoordinateAttention(nn.Module):
         dtype = self.dtype or x.dtype
         conv = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=conv_kernel_init)
 
-        # Directional average pools, accumulated in float32: (N, H, C) and (N, W, C).
+        # Directional average pools: (N, H, C) and (N, W, C).
         strips = []
         if self.directions in ("both", "h"):
-            strips.append(jnp.mean(x, axis=2, dtype=jnp.float32).astype(dtype))
+            strips.append(mean_pool(x, axis=2, dtype=dtype))
         if self.directions in ("both", "w"):
-            strips.append(jnp.mean(x, axis=1, dtype=jnp.float32).astype(dtype))
+            strips.append(mean_pool(x, axis=1, dtype=dtype))
         y = jnp.concatenate(strips, axis=1) if len(strips) > 1 else strips[0]
 
         y = PointwiseConv(mip, use_bias=True, name="reduce", **conv)(y)
@@ -95,8 +85,10 @@ class CoordinateAttention(nn.Module):
         # The released code multiplies identity * a_w * a_h, in that order.
         if self.directions in ("both", "w"):
             a_w = jax.nn.sigmoid(PointwiseConv(channels, use_bias=True, name="gate_w", **conv)(y_w))
-            out = out * a_w[:, None, :, :]
+            with jax.named_scope(GATE_SCOPE):
+                out = out * a_w[:, None, :, :]
         if self.directions in ("both", "h"):
             a_h = jax.nn.sigmoid(PointwiseConv(channels, use_bias=True, name="gate_h", **conv)(y_h))
-            out = out * a_h[:, :, None, :]
+            with jax.named_scope(GATE_SCOPE):
+                out = out * a_h[:, :, None, :]
         return out

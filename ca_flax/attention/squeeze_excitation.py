@@ -8,9 +8,10 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from ca_flax.attention.coordinate import _check_feature_map, _check_reduction
+from ca_flax.attention.common import GATE_SCOPE, check_feature_map, check_reduction
 from ca_flax.layers.activations import ActivationLike, get_activation
 from ca_flax.layers.conv import PointwiseConv, conv_kernel_init
+from ca_flax.layers.pooling import mean_pool
 
 
 class SqueezeExcitation(nn.Module):
@@ -36,12 +37,13 @@ class SqueezeExcitation(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """``train`` is accepted for a uniform attention interface; SE has no BatchNorm."""
         del train
-        _check_feature_map(x, "SqueezeExcitation")
-        _check_reduction(self.reduction, self.min_channels, "SqueezeExcitation")
+        check_feature_map(x, "SqueezeExcitation")
+        check_reduction(self.reduction, self.min_channels, "SqueezeExcitation")
         channels = x.shape[-1]
         hidden = max(self.min_channels, channels // self.reduction)
         conv = dict(use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=conv_kernel_init)
-        s = jnp.mean(x, axis=(1, 2), keepdims=True, dtype=jnp.float32).astype(self.dtype or x.dtype)
+        s = mean_pool(x, axis=(1, 2), keepdims=True, dtype=self.dtype)
         s = get_activation(self.activation)(PointwiseConv(hidden, name="reduce", **conv)(s))
         s = get_activation(self.gate)(PointwiseConv(channels, name="expand", **conv)(s))
-        return x * s
+        with jax.named_scope(GATE_SCOPE):
+            return x * s

@@ -5,6 +5,7 @@ from ca_flax.layers.conv import ConvBNAct, PointwiseConv, conv_kernel_init, dens
 from ca_flax.layers.depthwise import IMPLEMENTATIONS as DEPTHWISE_IMPLEMENTATIONS
 from ca_flax.layers.depthwise import DepthwiseConv, depthwise_conv, resolve_impl
 from ca_flax.layers.norm import BatchNorm
+from ca_flax.layers.pooling import mean_pool
 
 __all__ = [
     "BatchNorm",
@@ -19,6 +20,7 @@ __all__ = [
     "hard_sigmoid",
     "hard_swish",
     "list_activations",
+    "mean_pool",
     "relu6",
     "resolve_impl",
     "symmetric_padding",

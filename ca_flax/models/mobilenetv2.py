@@ -15,6 +15,7 @@ from ca_flax.attention import ATTENTION_BLOCKS, create_attention
 from ca_flax.layers.activations import ActivationLike
 from ca_flax.layers.conv import ConvBNAct, dense_kernel_init
 from ca_flax.layers.depthwise import DepthwiseImpl
+from ca_flax.layers.pooling import mean_pool
 
 # (expansion t, channels c, repeats n, first stride s) of the seven stages.
 STAGES: tuple[tuple[int, int, int, int], ...] = (
@@ -125,9 +126,10 @@ class MobileNetV2(nn.Module):
     param_dtype: Any = jnp.float32
 
     def __post_init__(self) -> None:
-        self._validate()
         super().__post_init__()
+        self._validate()
 
+    @nn.nowrap
     def _validate(self) -> None:
         if not (isinstance(self.width_mult, (int, float)) and math.isfinite(self.width_mult) and self.width_mult > 0):
             raise ValueError(f"width_mult must be a positive finite number, got {self.width_mult!r}.")
@@ -164,6 +166,7 @@ class MobileNetV2(nn.Module):
             return self.head_channels
         return make_divisible(1280 * self.width_mult, self.divisor) if self.width_mult > 1.0 else 1280
 
+    @nn.nowrap
     def block_specs(self) -> list[tuple[int, int, int, int]]:
         """``(stage, out_channels, stride, expansion)`` of every inverted residual, in order."""
         specs = []
@@ -193,6 +196,7 @@ class MobileNetV2(nn.Module):
                 self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=dense_kernel_init
             )
 
+    @nn.nowrap
     def _check_input(self, x: jax.Array) -> None:
         if x.ndim != 4:
             raise ValueError(
@@ -233,8 +237,7 @@ class MobileNetV2(nn.Module):
         dropout (pass ``rngs={'dropout': key}``).
         """
         y = self.features(x, train)["head"]
-        # Pool in float32: a bf16 mean over 49+ positions loses digits.
-        y = jnp.mean(y, axis=(1, 2), dtype=jnp.float32).astype(y.dtype)
+        y = mean_pool(y, axis=(1, 2))
         if not self.num_classes:
             return y
         y = self.dropout(y, deterministic=not train)

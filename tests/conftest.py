@@ -1,0 +1,54 @@
+"""Shared test setup: tests/ on sys.path (for torch_reference) and small helpers."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+if str(TESTS_DIR) not in sys.path:
+    sys.path.insert(0, str(TESTS_DIR))
+
+
+def param_count(tree) -> int:
+    """Number of scalars in a pytree of arrays or ShapeDtypeStructs."""
+    return int(sum(np.prod(x.shape, dtype=np.int64) for x in jax.tree_util.tree_leaves(tree)))
+
+
+@pytest.fixture
+def rng() -> jax.Array:
+    return jax.random.PRNGKey(0)
+
+
+def numpy_variables(model, input_shape, seed: int = 0) -> dict:
+    """Random variables of the right shapes without running the model's initializers.
+
+    XLA compiles one threefry kernel per parameter on CPU, which makes ``model.init``
+    take 10+ s even for tiny networks; tests that do not test initialization fill the
+    shapes from ``jax.eval_shape`` with numpy instead (variances kept positive, scales
+    near 1, conv weights scaled by fan-in so activations stay O(1)).
+    """
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(input_shape, jnp.float32), train=False)
+    )
+    gen = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = path[-1].key
+        if name == "var":
+            return jnp.asarray(gen.uniform(0.5, 1.5, leaf.shape), leaf.dtype)
+        if name == "scale":
+            return jnp.asarray(gen.uniform(0.5, 1.5, leaf.shape), leaf.dtype)
+        if name == "kernel":
+            fan_in = int(np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else 1
+            if len(leaf.shape) == 4 and leaf.shape[2] == 1:  # depthwise: fan-in is the window
+                fan_in = leaf.shape[0] * leaf.shape[1]
+            return jnp.asarray(gen.standard_normal(leaf.shape) / np.sqrt(fan_in), leaf.dtype)
+        return jnp.asarray(0.1 * gen.standard_normal(leaf.shape), leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
