@@ -1,0 +1,322 @@
+"""The ca-flax model checkpoint: a directory with the model's configuration and variables.
+
+Layout::
+
+    DST/
+      model.json    {"format": "ca-flax-model", "version": 1, "architecture": "MobileNetV2",
+                     "config": {...module fields...}, "source": {...provenance...}}
+      variables/    {'params', 'batch_stats'} saved with orbax-checkpoint
+
+>>> save_model('ckpt/mbv2_ca', model, variables, source={'from': 'mbv2_ca.pth'})
+>>> model, variables = load_model('ckpt/mbv2_ca')
+
+A training workdir (``model.json`` + orbax ``checkpoints/<step>/``) reads the same way
+through :func:`restore`, which also returns the step.
+
+Saving is atomic: everything is written into a temporary sibling directory that is
+renamed to ``DST`` only when complete, so an interrupted save never leaves a ``DST``
+that looks valid.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import secrets
+import shutil
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from ca_flax.models import MobileNetV2
+
+FORMAT = "ca-flax-model"
+VERSION = 1
+METADATA_FILE = "model.json"
+VARIABLES_DIR = "variables"
+# A training workdir keeps orbax checkpoints WORKDIR/checkpoints/<step>/{state,meta};
+# the best one has the highest meta["metrics"][BEST_METRIC].
+TRAINING_DIR = "checkpoints"
+BEST_METRIC = "eval_top1"
+ARCHITECTURES: dict[str, type[nn.Module]] = {"MobileNetV2": MobileNetV2}
+# The module fields a checkpoint records; runtime choices (depthwise_impl, dtype) are not
+# part of the model and stay at their defaults on load.
+CONFIG_FIELDS = (
+    "num_classes", "width_mult", "stage_repeats", "stem_channels", "head_channels", "attention",
+    "attention_kwargs", "dropout_rate", "activation", "in_channels", "bn_momentum", "bn_epsilon",
+)
+
+Variables = Mapping[str, Any]
+
+
+class CheckpointError(ValueError):
+    """A model checkpoint cannot be written or read; the message names the path."""
+
+
+def model_config(model: nn.Module) -> dict[str, Any]:
+    """The JSON-serializable configuration of ``model`` (see :data:`CONFIG_FIELDS`)."""
+    _architecture_name(model)
+    config: dict[str, Any] = {}
+    for name in CONFIG_FIELDS:
+        value = getattr(model, name)
+        if name == "activation" and not isinstance(value, str):
+            raise CheckpointError(
+                f"Cannot save a model whose activation is a callable ({value!r}); use a named activation."
+            )
+        if name == "stage_repeats":
+            value = [int(v) for v in value]
+        elif name == "attention_kwargs" and value is not None:
+            value = dict(value)
+        config[name] = value
+    try:
+        json.dumps(config, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"The model configuration is not JSON-serializable: {error}.") from None
+    return config
+
+
+def model_from_config(config: Mapping[str, Any], architecture: str = "MobileNetV2") -> nn.Module:
+    """Builds the module a :func:`model_config` dict describes."""
+    if architecture not in ARCHITECTURES:
+        raise CheckpointError(f"Unknown architecture {architecture!r}; known: {', '.join(ARCHITECTURES)}.")
+    unknown = sorted(set(config) - set(CONFIG_FIELDS))
+    if unknown:
+        raise CheckpointError(f"Unknown configuration fields {unknown}; known: {', '.join(CONFIG_FIELDS)}.")
+    kwargs = dict(config)
+    if "stage_repeats" in kwargs:
+        kwargs["stage_repeats"] = tuple(kwargs["stage_repeats"])
+    try:
+        return ARCHITECTURES[architecture](**kwargs)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"Invalid model configuration: {error}") from None
+
+
+_SHAPES_CACHE: OrderedDict[str, dict[str, Any]] = OrderedDict()
+
+
+def abstract_variables(model: nn.Module) -> dict[str, Any]:
+    """The variables ``model.init`` would create, as ``jax.ShapeDtypeStruct`` (no compute).
+
+    Tracing a network takes about a second, and a conversion asks for the same model's
+    shapes several times, so recent results are kept (keyed by the module's repr, which
+    lists every attribute); each call returns fresh containers.
+    """
+    key = repr(model)
+    if key not in _SHAPES_CACHE:
+        x = jax.ShapeDtypeStruct((1, 32, 32, model.in_channels), jnp.float32)
+        init = functools.partial(model.init, train=False)
+        _SHAPES_CACHE[key] = jax.tree_util.tree_map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), dict(jax.eval_shape(init, jax.random.key(0), x))
+        )
+        if len(_SHAPES_CACHE) > 16:
+            _SHAPES_CACHE.popitem(last=False)
+    return jax.tree_util.tree_map(lambda a: a, _SHAPES_CACHE[key])
+
+
+def variables_mismatch(expected: Variables, variables: Variables) -> list[str]:
+    """Differences between two variable trees (paths and shapes), one line each."""
+    flat_expected = _flatten(expected)
+    flat_given = _flatten(variables)
+    problems = [f"missing {p}" for p in flat_expected if p not in flat_given]
+    problems += [f"unexpected {p}" for p in flat_given if p not in flat_expected]
+    problems += [
+        f"{p}: shape {tuple(flat_given[p].shape)}, expected {tuple(flat_expected[p].shape)}"
+        for p in flat_expected
+        if p in flat_given and tuple(flat_given[p].shape) != tuple(flat_expected[p].shape)
+    ]
+    return problems
+
+
+def _flatten(tree: Variables) -> dict[str, Any]:
+    leaves = jax.tree_util.tree_flatten_with_path(dict(tree))[0]
+    return {"/".join(str(getattr(k, "key", k)) for k in path): leaf for path, leaf in leaves}
+
+
+def _architecture_name(model: nn.Module) -> str:
+    for name, cls in ARCHITECTURES.items():
+        if type(model) is cls:
+            return name
+    raise CheckpointError(f"Cannot save a {type(model).__name__}; supported: {', '.join(ARCHITECTURES)}.")
+
+
+def save_model(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    variables: Variables,
+    *,
+    source: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Saves ``model`` (its configuration) and ``variables`` as a checkpoint directory.
+
+    Args:
+      path: the directory to create.
+      model: a module of a known architecture with a named activation.
+      variables: ``{'params', 'batch_stats'}`` matching ``model`` (checked).
+      source: JSON-serializable provenance (original file, converter notes, ...).
+      overwrite: replace an existing ``path``; otherwise an existing path is an error.
+
+    Returns the checkpoint path. Raises :class:`CheckpointError` on bad input.
+    """
+    path = Path(path).absolute()
+    metadata = {
+        "format": FORMAT,
+        "version": VERSION,
+        "architecture": _architecture_name(model),
+        "config": model_config(model),
+        "source": dict(source) if source is not None else None,
+    }
+    try:
+        text = json.dumps(metadata, indent=2, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: the source provenance is not JSON-serializable: {error}.") from None
+    problems = variables_mismatch(abstract_variables(model), variables)
+    if problems:
+        raise CheckpointError(f"{path}: the variables do not match the model: {'; '.join(problems[:8])}.")
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"{path}: already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(6)}"
+    tmp.mkdir()  # unlike tempfile.mkdtemp, honours the umask (mkdtemp makes it 0700)
+    try:
+        (tmp / METADATA_FILE).write_text(text + "\n")
+        _save_variables(tmp / VARIABLES_DIR, variables)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _save_variables(path: Path, variables: Variables) -> None:
+    import orbax.checkpoint as ocp  # slow to import: only when saving or loading
+
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(path, dict(variables))
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    """Renames ``tmp`` to ``path``; an existing ``path`` is moved aside first and deleted
+    after, so ``path`` is never a mix of the old and the new checkpoint."""
+    if not path.exists():
+        os.rename(tmp, path)
+        return
+    old = path.parent / f".{path.name}.old-{secrets.token_hex(6)}"
+    os.rename(path, old)
+    os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The parsed and validated ``model.json`` of the checkpoint at ``path``."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint directory.")
+    if not path.is_dir():
+        raise CheckpointError(
+            f"{path}: is a file, not a ca-flax checkpoint directory. PyTorch weights are converted with "
+            "`python -m ca_flax.convert SRC DST`."
+        )
+    meta_path = path / METADATA_FILE
+    if not meta_path.is_file():
+        raise CheckpointError(f"{path}: not a ca-flax model checkpoint: it has no {METADATA_FILE}.")
+    try:
+        metadata = json.loads(meta_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{meta_path}: not valid JSON ({error}).") from None
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a ca-flax model checkpoint ({METADATA_FILE} lacks \"format\": \"{FORMAT}\").")
+    version = metadata.get("version")
+    if version != VERSION:
+        newer = isinstance(version, int) and version > VERSION
+        raise CheckpointError(
+            f"{path}: checkpoint format version {version!r}, this ca-flax reads version {VERSION}"
+            f"{'; it was written by a newer ca-flax, upgrade to read it' if newer else ''}."
+        )
+    if not isinstance(metadata.get("config"), dict):
+        raise CheckpointError(f"{path}: {METADATA_FILE} has no \"config\" object.")
+    return metadata
+
+
+def load_model(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]]:
+    """Loads a checkpoint written by :func:`save_model`: ``(model, variables)``.
+
+    The variables are restored into the structure the configuration implies, so a
+    checkpoint whose variables do not fit its configuration is refused. A training
+    workdir loads too (its latest step; see :func:`restore`).
+    """
+    model, variables, _ = restore(path)
+    return model, variables
+
+
+def restore(path: str | os.PathLike[str], *, which: str = "latest") -> tuple[nn.Module, dict[str, Any], int]:
+    """``(model, variables, step)`` from a model checkpoint or a training workdir.
+
+    A model checkpoint (``model.json`` + ``variables/``) is step 0. A training workdir
+    (``model.json`` + ``checkpoints/<step>/{state,meta}``) gives its ``'latest'`` step or
+    its ``'best'`` one (highest ``eval_top1``); only the parameters and BatchNorm
+    statistics are read, not the optimizer state.
+    """
+    if which not in ("latest", "best"):
+        raise CheckpointError(f"which must be 'latest' or 'best', got {which!r}.")
+    path = Path(path).absolute()
+    metadata = read_metadata(path)
+    try:
+        model = model_from_config(metadata["config"], metadata.get("architecture", "MobileNetV2"))
+    except CheckpointError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    abstract = abstract_variables(model)
+    import orbax.checkpoint as ocp  # slow to import: only when loading
+
+    try:
+        if (path / VARIABLES_DIR).is_dir():
+            with ocp.StandardCheckpointer() as checkpointer:
+                return model, dict(checkpointer.restore(path / VARIABLES_DIR, abstract)), 0
+        if (path / TRAINING_DIR).is_dir():
+            return (model, *_restore_training_step(path / TRAINING_DIR, abstract, which))
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as error:
+        message = str(error).strip().splitlines()
+        raise CheckpointError(
+            f"{path}: the saved variables cannot be restored for the recorded configuration "
+            f"({message[0] if message else type(error).__name__})."
+        ) from None
+    raise CheckpointError(
+        f"{path}: has neither {VARIABLES_DIR}/ (a model checkpoint) nor {TRAINING_DIR}/ (a training "
+        "workdir); it is incomplete."
+    )
+
+
+def _restore_training_step(directory: Path, abstract: dict[str, Any], which: str) -> tuple[dict[str, Any], int]:
+    """Parameters and statistics of one step of a training run's orbax checkpoints."""
+    import orbax.checkpoint as ocp
+
+    manager = ocp.CheckpointManager(directory, item_names=("state", "meta"))
+    try:
+        steps = list(manager.all_steps())
+        if not steps:
+            raise CheckpointError(f"{directory}: no complete training checkpoint.")
+        if which == "best":
+            metric = {s: _read_step_meta(manager, s).get("metrics", {}).get(BEST_METRIC) for s in steps}
+            scored = [(m, s) for s, m in metric.items() if m is not None]
+            if not scored:
+                raise CheckpointError(f"{directory}: no evaluated checkpoint, so no best one; use which='latest'.")
+            step = max(scored)[1]
+        else:
+            step = max(steps)
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+        state = ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True)
+        restored = manager.restore(step, args=ocp.args.Composite(state=state))["state"]
+    finally:
+        manager.close()
+    return {name: restored[name] for name in abstract}, int(step)
+
+
+def _read_step_meta(manager: Any, step: int) -> dict[str, Any]:
+    import orbax.checkpoint as ocp
+
+    return dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])

@@ -1,0 +1,31 @@
+"""PyTorch MobileNetV2 weights to ca-flax and back.
+
+>>> from ca_flax.convert import from_torch, to_torch
+>>> model, variables, report = from_torch('mbv2_ca.pth')      # layout and config inferred
+>>> logits = model.apply(variables, images_nhwc)
+>>> state_dict = to_torch(model, variables, 'official')         # numpy arrays
+
+Layouts: the authors' MobileNetV2+CA (``'official'``), ``torchvision.models.mobilenet_v2``
+(``'torchvision'``) and timm's ``mobilenetv2_*`` (``'timm'``). Command line:
+``python -m ca_flax.convert SRC DST`` (see ``python -m ca_flax.convert --help``).
+"""
+
+from ca_flax.convert.api import ConversionReport, from_torch, to_torch
+from ca_flax.convert.errors import ConversionError
+from ca_flax.convert.infer import infer_config
+from ca_flax.convert.io import load_state_dict, read_safetensors, save_state_dict
+from ca_flax.convert.layouts import LAYOUTS, detect_layout, get_layout
+
+__all__ = [
+    "LAYOUTS",
+    "ConversionError",
+    "ConversionReport",
+    "detect_layout",
+    "from_torch",
+    "get_layout",
+    "infer_config",
+    "load_state_dict",
+    "read_safetensors",
+    "save_state_dict",
+    "to_torch",
+]

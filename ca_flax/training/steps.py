@@ -1,0 +1,61 @@
+"""Pure train and eval steps. Sharding comes from the caller's ``jax.jit``: with the
+batch sharded over the mesh's ``data`` axis, every mean below (the loss, BatchNorm's
+statistics) is over the global batch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ca_flax.training.state import TrainState
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int, label_smoothing: float) -> jax.Array:
+    """Per-example softmax cross-entropy in float32, with optional label smoothing."""
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing) if label_smoothing else (
+        jax.nn.one_hot(labels, num_classes)
+    )
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+    """1.0 where the label is among the ``k`` largest logits."""
+    k = min(k, logits.shape[-1])
+    _, top = jax.lax.top_k(logits.astype(jnp.float32), k)
+    return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+
+
+def train_step(
+    state: TrainState, batch: dict[str, jax.Array], *, num_classes: int, label_smoothing: float = 0.0
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One SGD step; returns the new state and ``{'loss', 'top1', 'learning_rate'}``."""
+    dropout_rng = jax.random.fold_in(state.rng, state.step)
+
+    def loss_fn(params):
+        logits, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
+            mutable=["batch_stats"], rngs={"dropout": dropout_rng},
+        )
+        loss = jnp.mean(cross_entropy(logits, batch["label"], num_classes, label_smoothing))
+        return loss, (logits, updates["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    metrics = {"loss": loss, "top1": jnp.mean(top_k_correct(logits, batch["label"], 1))}
+    return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array], *, num_classes: int) -> dict[str, jax.Array]:
+    """Sums over the unmasked examples of one batch: loss, top-1, top-5 and count."""
+    logits = state.apply_fn(state.variables(), batch["image"], train=False)
+    mask = batch["mask"].astype(jnp.float32)
+    losses = cross_entropy(logits, batch["label"], num_classes, 0.0)
+    return {
+        "loss_sum": jnp.sum(losses * mask),
+        "top1_sum": jnp.sum(top_k_correct(logits, batch["label"], 1) * mask),
+        "top5_sum": jnp.sum(top_k_correct(logits, batch["label"], 5) * mask),
+        "count": jnp.sum(mask),
+    }

@@ -1,0 +1,349 @@
+"""The training loop: resume, train, evaluate, checkpoint, stop cleanly.
+
+``train_and_evaluate(config, workdir)`` is everything ``train.py`` runs. Invariants:
+
+- The batch at step k and the dropout randomness at step k are functions of
+  ``(config.seed, k)`` alone, and the state is checkpointed with its step, so a run
+  killed at any moment and rerun ends bit-identical to an uninterrupted one (on CPU).
+- No checkpoint is written from a state whose loss went non-finite: losses are checked
+  before every save, and the run stops with an error naming the first bad step.
+- SIGTERM (a preemption notice) saves the current step and returns normally.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ca_flax import data
+from ca_flax.checkpoints import FORMAT, METADATA_FILE, VERSION, model_config, read_metadata, restore
+from ca_flax.models import create_model
+from ca_flax.training import parallel
+from ca_flax.training.checkpointing import BEST_METRIC, CheckpointManager
+from ca_flax.training.metrics import MetricWriter, Throughput, console, format_eta
+from ca_flax.training.optim import create_optimizer, learning_rate_schedule
+from ca_flax.training.state import TrainState, create_train_state
+from ca_flax.training.steps import eval_step, train_step
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or Inf; the message names the step."""
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> Any:
+    """The configured network (raises ValueError for an unknown name or bad option)."""
+    if config.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}.")
+    overrides = dict(config.get("model_overrides", {}) or {})
+    return create_model(
+        config.model, num_classes=num_classes, width_mult=config.width_mult, dtype=DTYPES[config.dtype], **overrides
+    )
+
+
+def plan_steps(config: ml_collections.ConfigDict, num_train: int) -> tuple[int, int]:
+    """``(steps_per_epoch, total_steps)``; ``num_train_steps > 0`` overrides epochs."""
+    steps_per_epoch = num_train // config.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"batch_size={config.batch_size} is larger than the {num_train} training examples; use a smaller batch."
+        )
+    total = config.num_train_steps if config.num_train_steps > 0 else int(config.num_epochs * steps_per_epoch)
+    if total < 1:
+        raise ValueError("Nothing to train: set num_epochs > 0 or num_train_steps > 0.")
+    return steps_per_epoch, total
+
+
+def validate_config(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
+    """Every check that can fail before anything compiles: returns (dataset info, model)."""
+    for name in ("batch_size", "image_size", "log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
+        if int(config[name]) < 1:
+            raise ValueError(f"{name} must be a positive integer, got {config[name]!r}.")
+    parallel.check_batch_divisible(config.batch_size)
+    parallel.check_batch_divisible(config.eval_batch_size, "eval_batch_size")
+    data.validate_dataset(config.dataset, config.data_dir)
+    info = data.dataset_info(config.dataset, config.data_dir)
+    model = build_model(config, info.num_classes)
+    plan_steps(config, info.num_train)
+    if config.init_from:
+        read_metadata(config.init_from)  # a model checkpoint or a training workdir
+    return info, model
+
+
+def initial_variables(model: Any, config: ml_collections.ConfigDict, rng: jax.Array) -> dict[str, Any]:
+    """Fresh variables, or ``init_from``'s with the head re-initialized when the
+    number of classes differs (fine-tuning converted PyTorch weights)."""
+    shape = (1, config.image_size, config.image_size, 3)
+    fresh = jax.jit(functools.partial(model.init, train=False))(rng, jnp.zeros(shape, jnp.float32))
+    if not config.init_from:
+        return fresh
+    source_model, source, _ = restore(config.init_from)
+    merged = dict(fresh)
+    kept, reinitialized = 0, []
+    for collection in ("params", "batch_stats"):
+        flat_fresh = _flatten(fresh.get(collection, {}))
+        flat_source = _flatten(source.get(collection, {}))
+        out = {}
+        for key, value in flat_fresh.items():
+            src = flat_source.get(key)
+            if src is not None and src.shape == value.shape:
+                out[key] = jnp.asarray(src, value.dtype)
+                kept += 1
+            else:
+                out[key] = value
+                reinitialized.append(f"{collection}/{key}")
+        merged[collection] = _unflatten(out)
+    if any(not k.startswith(("params/classifier", "batch_stats/classifier")) for k in reinitialized):
+        raise ValueError(
+            f"init_from={config.init_from!r} does not fit model {config.model!r} at width {config.width_mult}: "
+            f"{len(reinitialized)} variables differ (first: {reinitialized[:3]}). Use the same model and width."
+        )
+    note = f" (classifier re-initialized: {source_model.num_classes} -> {model.num_classes} classes)" if reinitialized else ""
+    console(f"Initialized {kept} variables from {config.init_from}{note}.")
+    return merged
+
+
+def _flatten(tree: dict[str, Any]) -> dict[str, Any]:
+    return {"/".join(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = tree
+        *parents, leaf = key.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def write_model_json(workdir: Path, model: Any, config: ml_collections.ConfigDict) -> None:
+    """``WORKDIR/model.json``: the model checkpoint format's metadata, so a training
+    workdir loads like a converted checkpoint (``ca_flax.checkpoints.restore``)."""
+    if jax.process_index() != 0:
+        return
+    metadata = {
+        "format": FORMAT, "version": VERSION, "architecture": type(model).__name__, "config": model_config(model),
+        "source": {"trained_by": "ca_flax train.py", "model": config.model, "dataset": config.dataset,
+                   "image_size": config.image_size},
+    }
+    tmp = workdir / (METADATA_FILE + ".tmp")
+    tmp.write_text(json.dumps(metadata, indent=2) + "\n")
+    tmp.replace(workdir / METADATA_FILE)
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks between steps."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "_Preemption":
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no signal handling
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def agreed(self) -> bool:
+        """True when any process was asked to stop (all processes then stop together)."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+
+
+def evaluate(
+    state: TrainState, eval_fn: Any, batches: Iterator[dict[str, np.ndarray]], sharding: Any
+) -> dict[str, float]:
+    """Exact evaluation: sums over every (unmasked) example, then one division."""
+    totals = None
+    for local in batches:
+        sums = eval_fn(state, parallel.global_batch(local, sharding))
+        totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
+    if totals is None:
+        raise ValueError("The evaluation split is empty.")
+    totals = parallel.fetch(totals)
+    count = float(totals["count"])
+    return {
+        "eval_loss": float(totals["loss_sum"]) / count,
+        "eval_top1": float(totals["top1_sum"]) / count,
+        "eval_top5": float(totals["top5_sum"]) / count,
+        "eval_examples": int(count),
+    }
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
+    """Trains ``config`` in ``workdir``, resuming from its latest checkpoint if any.
+
+    Returns the last evaluation's metrics. Raises ValueError for invalid configs (before
+    compiling) and :class:`NonFiniteLossError` when the loss diverges.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    info, model = validate_config(config)
+    steps_per_epoch, total_steps = plan_steps(config, info.num_train)
+    write_model_json(workdir, model, config)
+
+    mesh = parallel.make_mesh()
+    batch_sharding, replicated = parallel.data_sharding(mesh), parallel.replicated(mesh)
+    schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
+    tx = create_optimizer(config, schedule)
+
+    rng_init, rng_train = jax.random.split(jax.random.PRNGKey(config.seed))
+    variables = initial_variables(model, config, rng_init)
+    state = jax.device_put(create_train_state(model, variables, tx, rng_train), replicated)
+
+    checkpoints = CheckpointManager(workdir, keep=config.keep_checkpoints, async_save=config.get("async_checkpoints", True))
+    start_step = 0
+    last_eval: dict[str, float] = {}
+    if checkpoints.latest_step() is not None:
+        state, meta = checkpoints.restore(state)
+        start_step = int(meta["step"])
+        last_eval = dict(meta.get("metrics", {}))
+        console(f"Resumed from {checkpoints.directory / str(start_step)} (step {start_step} of {total_steps}).")
+    writer = MetricWriter(workdir, resume_step=start_step)
+
+    train_fn = jax.jit(
+        functools.partial(train_step, num_classes=info.num_classes, label_smoothing=config.label_smoothing),
+        in_shardings=(replicated, batch_sharding),
+        out_shardings=(replicated, replicated),
+        donate_argnums=(0,),
+    )
+    eval_fn = jax.jit(
+        functools.partial(eval_step, num_classes=info.num_classes),
+        in_shardings=(replicated, batch_sharding),
+        out_shardings=replicated,
+    )
+    train_batches = data.train_batches(
+        config.dataset, data_dir=config.data_dir, image_size=config.image_size,
+        global_batch_size=config.batch_size, seed=config.seed, start_step=start_step,
+        process_index=jax.process_index(), process_count=jax.process_count(), augment=_augment(config),
+    )
+
+    def eval_batches():
+        return data.eval_batches(
+            config.dataset, data_dir=config.data_dir, image_size=config.image_size,
+            global_batch_size=config.eval_batch_size, process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+
+    def meta_for(step: int, metrics: dict[str, float]) -> dict[str, Any]:
+        return {"step": step, "data_position": step, "epoch": step / steps_per_epoch, "metrics": metrics}
+
+    pending_losses: list[tuple[int, jax.Array]] = []
+
+    def check_losses() -> None:
+        """Fetches the losses since the last check (one transfer) and stops at the first
+        non-finite one, before anything from that state reaches a checkpoint."""
+        if not pending_losses:
+            return
+        values = parallel.fetch(jnp.stack([loss for _, loss in pending_losses]))
+        for (step, _), value in zip(pending_losses, values):
+            if not np.isfinite(value):
+                checkpoints.wait()
+                raise NonFiniteLossError(
+                    f"Loss became {value} at step {step}; stopping. The last good checkpoint "
+                    f"(step {checkpoints.latest_step()}) is kept in {checkpoints.directory}; lower the learning rate "
+                    "or check the input data, then rerun to resume from it."
+                )
+        pending_losses.clear()
+
+    console(
+        f"Training {config.model} (width {model.width_mult}) on {config.dataset}: {info.num_train} examples, "
+        f"{info.num_classes} classes, global batch {config.batch_size} over {jax.device_count()} devices in "
+        f"{jax.process_count()} process(es), {total_steps} steps ({total_steps / steps_per_epoch:.1f} epochs)."
+    )
+    throughput = Throughput(config.batch_size)
+    train_metrics: list[dict[str, jax.Array]] = []
+    run_start, steady_start, steady_steps = time.perf_counter(), None, 0
+    step = start_step
+    with _Preemption() as preemption:
+        while step < total_steps:
+            batch = parallel.global_batch(next(train_batches), batch_sharding)
+            state, metrics = train_fn(state, batch)
+            step += 1
+            pending_losses.append((step, metrics["loss"]))
+            train_metrics.append(metrics)
+            throughput.step()
+            if steady_start is None:
+                jax.block_until_ready(metrics["loss"])  # compile and first step done
+                steady_start, steady_steps = time.perf_counter(), 0
+                throughput.start()
+            else:
+                steady_steps += 1
+
+            is_last = step == total_steps
+            if step % config.log_every_steps == 0 or is_last:
+                check_losses()
+                means = {k: float(np.mean(v)) for k, v in parallel.fetch(
+                    jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *train_metrics)).items()}
+                train_metrics.clear()
+                rate = throughput.report()
+                values = {"train_loss": means["loss"], "train_top1": means["top1"],
+                          "learning_rate": float(schedule(step - 1))}
+                if rate is not None:
+                    values["images_per_sec"] = rate
+                writer.write(step, values)
+                elapsed = time.perf_counter() - (steady_start or run_start)
+                eta = elapsed / max(steady_steps, 1) * (total_steps - step) if steady_steps else float("nan")
+                console(
+                    f"step {step}/{total_steps} epoch {step / steps_per_epoch:.2f} loss {means['loss']:.4f} "
+                    f"top1 {means['top1']:.3f} lr {values['learning_rate']:.5f} "
+                    + (f"{rate:.1f} img/s " if rate else "") + (f"eta {format_eta(eta)}" if steady_steps else "")
+                )
+
+            evaluated = False
+            if step % config.eval_every_steps == 0 or is_last:
+                check_losses()
+                last_eval = evaluate(state, eval_fn, eval_batches(), batch_sharding)
+                writer.write(step, {k: v for k, v in last_eval.items() if k != "eval_examples"})
+                console(
+                    f"eval at step {step}: top1 {last_eval['eval_top1']:.4f} top5 {last_eval['eval_top5']:.4f} "
+                    f"loss {last_eval['eval_loss']:.4f} ({last_eval['eval_examples']} examples)"
+                )
+                evaluated = True
+                throughput.start()  # evaluation time is not training throughput
+
+            preempted = preemption.agreed()
+            if step % config.checkpoint_every_steps == 0 or is_last or preempted:
+                check_losses()
+                metrics_for_ranking = {BEST_METRIC: last_eval[BEST_METRIC]} if evaluated else None
+                checkpoints.save(state, meta_for(step, last_eval if evaluated else {}), metrics_for_ranking)
+            if preempted:
+                checkpoints.wait()
+                console(f"SIGTERM received: saved step {step} to {checkpoints.directory}; rerun to resume.")
+                break
+
+    checkpoints.wait()
+    checkpoints.close()
+    writer.close()
+    if step >= total_steps:
+        console(f"Done: {total_steps} steps in {time.perf_counter() - run_start:.0f} s; workdir {workdir.absolute()}")
+    return last_eval
+
+
+def _augment(config: ml_collections.ConfigDict) -> Any:
+    aug = config.get("augment", None)
+    return data.AugmentConfig(**dict(aug)) if aug else data.AugmentConfig()

@@ -1,0 +1,194 @@
+"""The ca-flax model checkpoint (ca_flax/checkpoints.py): round trip, atomic writes, errors."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from ca_flax import checkpoints
+from ca_flax.checkpoints import (
+    CheckpointError,
+    abstract_variables,
+    load_model,
+    model_config,
+    model_from_config,
+    read_metadata,
+    restore,
+    save_model,
+)
+from ca_flax.models import MobileNetV2, create_model
+
+
+def _random_variables(model: MobileNetV2, seed: int = 0) -> dict:
+    """Random values of the right shapes (model.init compiles slowly on CPU)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(lambda s: rng.uniform(0.5, 1.5, s.shape).astype(np.float32), abstract_variables(model))
+
+
+@pytest.fixture(scope="module")
+def model() -> MobileNetV2:
+    return create_model(
+        "mobilenetv2_ca", width_mult=0.25, num_classes=7, stage_repeats=(1, 2, 2, 2, 1, 1, 1),
+        head_channels=96, attention_kwargs={"reduction": 16}, dropout_rate=0.2,
+    )
+
+
+@pytest.fixture(scope="module")
+def variables(model) -> dict:
+    return _random_variables(model)
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    flat_a, tree_a = jax.tree_util.tree_flatten(dict(a))
+    flat_b, tree_b = jax.tree_util.tree_flatten(dict(b))
+    assert tree_a == tree_b
+    for x, y in zip(flat_a, flat_b):
+        assert np.asarray(x).dtype == np.asarray(y).dtype
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_config_round_trip(model):
+    config = model_config(model)
+    assert json.loads(json.dumps(config)) == config
+    assert config["stage_repeats"] == [1, 2, 2, 2, 1, 1, 1]
+    assert config["attention_kwargs"] == {"reduction": 16}
+    rebuilt = model_from_config(config)
+    assert rebuilt == model
+
+
+def test_save_and_load_round_trip(tmp_path, model, variables):
+    path = save_model(tmp_path / "ckpt", model, variables, source={"from": "test"})
+    meta = json.loads((path / "model.json").read_text())
+    assert meta["format"] == "ca-flax-model" and meta["version"] == 1 and meta["architecture"] == "MobileNetV2"
+    assert meta["source"] == {"from": "test"}
+    loaded_model, loaded = load_model(path)
+    assert loaded_model == model
+    _assert_same(loaded, variables)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_refuses_to_overwrite_unless_asked(tmp_path, model, variables):
+    path = save_model(tmp_path / "ckpt", model, variables)
+    with pytest.raises(CheckpointError, match="already exists; pass overwrite=True"):
+        save_model(path, model, variables)
+    other = _random_variables(model, seed=1)
+    save_model(path, model, other, overwrite=True)
+    _assert_same(load_model(path)[1], other)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_interrupted_save_leaves_no_checkpoint(tmp_path, model, variables, monkeypatch):
+    def crash(path, variables):
+        (path / "partial").mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoints, "_save_variables", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(tmp_path / "ckpt", model, variables)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_variables_must_match_the_model(tmp_path, model, variables):
+    wrong = _random_variables(model.clone(num_classes=3))
+    with pytest.raises(CheckpointError, match=r"do not match the model: params/classifier/bias: shape \(3,\), expected \(7,\)"):
+        save_model(tmp_path / "ckpt", model, wrong)
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_callable_activation_is_refused(model):
+    with pytest.raises(CheckpointError, match="activation is a callable"):
+        model_config(model.clone(activation=jax.nn.relu))
+
+
+def test_bad_configs():
+    with pytest.raises(CheckpointError, match=r"Unknown configuration fields \['depth'\]"):
+        model_from_config({"depth": 3})
+    with pytest.raises(CheckpointError, match="Invalid model configuration: width_mult"):
+        model_from_config({"width_mult": -1.0})
+    with pytest.raises(CheckpointError, match="Unknown architecture 'ResNet'"):
+        model_from_config({}, "ResNet")
+
+
+@pytest.fixture
+def saved(tmp_path, model, variables):
+    return save_model(tmp_path / "ckpt", model, variables)
+
+
+def _edit_metadata(path, **changes) -> None:
+    meta = json.loads((path / "model.json").read_text())
+    meta.update(changes)
+    (path / "model.json").write_text(json.dumps(meta))
+
+
+def test_load_errors(tmp_path, saved):
+    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+        load_model(tmp_path / "nope")
+    (tmp_path / "w.pth").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="is a file, not a ca-flax checkpoint directory.*python -m ca_flax.convert"):
+        load_model(tmp_path / "w.pth")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="not a ca-flax model checkpoint: it has no model.json"):
+        load_model(tmp_path / "empty")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"format": "something-else"}, "not a ca-flax model checkpoint"),
+        ({"version": 2}, "format version 2, this ca-flax reads version 1; it was written by a newer ca-flax"),
+        ({"version": "one"}, "format version 'one'"),
+        ({"config": None}, 'has no "config" object'),
+        ({"config": {"width_mult": 0.25, "colour": "red"}}, r"Unknown configuration fields \['colour'\]"),
+        ({"config": {"width_mult": 0.5}}, "cannot be restored for the recorded configuration"),
+    ],
+    ids=["format", "newer-version", "bad-version", "no-config", "unknown-field", "config-mismatch"],
+)
+def test_metadata_errors(saved, change, message):
+    _edit_metadata(saved, **change)
+    with pytest.raises(CheckpointError, match=message):
+        load_model(saved)
+
+
+def test_corrupt_metadata(saved):
+    (saved / "model.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="model.json: not valid JSON"):
+        read_metadata(saved)
+
+
+def test_missing_variables(saved):
+    import shutil
+
+    shutil.rmtree(saved / "variables")
+    with pytest.raises(CheckpointError, match=r"has neither variables/ \(a model checkpoint\) nor checkpoints/ \(a training workdir\)"):
+        load_model(saved)
+
+
+def test_restore_reads_a_training_workdir(tmp_path, model, variables):
+    """A trainer's workdir (model.json + orbax checkpoints/<step>/) loads like a model checkpoint."""
+    optax = pytest.importorskip("optax")
+    from ca_flax.training.checkpointing import CheckpointManager
+    from ca_flax.training.state import create_train_state
+
+    save_model(tmp_path / "ckpt", model, variables)
+    assert restore(tmp_path / "ckpt")[2] == 0
+    workdir = tmp_path / "workdir"
+    workdir.mkdir()
+    (workdir / "model.json").write_text((tmp_path / "ckpt" / "model.json").read_text())
+    state = create_train_state(model, variables, optax.sgd(0.1, momentum=0.9), jax.random.key(0))
+    later = jax.tree_util.tree_map(lambda x: x + 1, variables)
+    manager = CheckpointManager(workdir, async_save=False)
+    manager.save(state.replace(step=10), {"metrics": {"eval_top1": 0.6}}, {"eval_top1": 0.6})
+    manager.save(state.replace(step=20, **later), {"metrics": {"eval_top1": 0.5}}, {"eval_top1": 0.5})
+    manager.close()
+
+    loaded_model, loaded, step = restore(workdir)
+    assert loaded_model == model and step == 20
+    _assert_same(loaded, later)
+    _, best, step = restore(workdir, which="best")
+    assert step == 10
+    _assert_same(best, variables)
+    with pytest.raises(CheckpointError, match="which must be 'latest' or 'best'"):
+        restore(workdir, which="first")
