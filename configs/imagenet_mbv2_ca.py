@@ -23,7 +23,6 @@ def get_config(variant: str = "ca") -> ml_collections.ConfigDict:
     config = default.get_config()
     config.model = VARIANTS[variant]
     config.width_mult = 1.0
-    config.model_overrides = ml_collections.ConfigDict({"dropout_rate": 0.1})
     config.dataset = "imagenet2012"
     config.data_dir = None  # the TFDS data_dir holding prepared imagenet2012 (local or gs://)
     config.image_size = 224

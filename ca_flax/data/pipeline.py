@@ -34,6 +34,9 @@ from ca_flax.data.sources import IndexedSource, StreamSource, open_source
 
 Batch = dict[str, np.ndarray]
 
+# The map functions are plain TF ops: AutoGraph conversion only fails noisily on closures.
+_plain = tf.autograph.experimental.do_not_convert
+
 # Key domains, so the shuffle and the augmentation draw independent numbers.
 _SHUFFLE, _AUGMENT = 0, 1
 # Enough epochs to never run out (2**40 steps at one step per epoch).
@@ -128,7 +131,7 @@ def train_dataset(
         image = preprocess_train(image_bytes, key, image_size, augment)
         return {"image": tf.cast(image, out_dtype), "label": label}
 
-    ds = rows.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = rows.map(_plain(preprocess), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(local, drop_remainder=True)  # Epochs hold whole batches: none straddles two.
     return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(num_threads))
 
@@ -210,13 +213,13 @@ def eval_dataset(
             position = _global_position(i, global_batch_size, local, process_index)
             return tf.minimum(position, n - 1), position < n
 
-        rows = tf.data.Dataset.range(num_batches * local).map(locate)
+        rows = tf.data.Dataset.range(num_batches * local).map(_plain(locate))
         load = source.reader(split)
     else:
         stream = source.stream(split)
         padded = stream.concatenate(stream.take(1).repeat(num_batches * global_batch_size - n))
         rows = padded.enumerate().filter(_process_filter(global_batch_size, local, process_index))
-        rows = rows.map(lambda position, example: (example, position < n))
+        rows = rows.map(_plain(lambda position, example: (example, position < n)))
         load = _identity
 
     def preprocess(item, mask):
@@ -230,7 +233,7 @@ def eval_dataset(
         label = tf.where(mask, label, 0)
         return {"image": tf.cast(image, out_dtype), "label": label, "mask": mask}
 
-    ds = rows.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = rows.map(_plain(preprocess), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(local, drop_remainder=True)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(num_threads))
 
@@ -291,7 +294,7 @@ def _indexed_train(source: IndexedSource, split: str, base_key: tf.Tensor, steps
             index = tf.random.experimental.index_shuffle(position, shuffle_key, tf.constant(n - 1, tf.int64))
             return index, epoch, position
 
-        return tf.data.Dataset.range(start, steps * local).map(locate)
+        return tf.data.Dataset.range(start, steps * local).map(_plain(locate))
 
     return tf.data.Dataset.range(start_epoch, _MAX_EPOCHS).flat_map(epoch_rows)
 
@@ -317,7 +320,7 @@ def _stream_train(source: StreamSource, split: str, base_key: tf.Tensor, steps: 
         start = tf.where(tf.equal(epoch, start_epoch), tf.constant(start_offset * global_batch, tf.int64),
                          tf.constant(0, tf.int64))
         ds = ds.skip(start).filter(keep)
-        return ds.map(lambda position, example: (example, epoch, position))
+        return ds.map(_plain(lambda position, example: (example, epoch, position)))
 
     return tf.data.Dataset.range(start_epoch, _MAX_EPOCHS).flat_map(epoch_rows)
 
@@ -339,7 +342,7 @@ def _process_filter(global_batch: int, local: int, process_index: int):
     def keep(position, _):
         return tf.equal((position % global_batch) // local, process_index)
 
-    return keep
+    return _plain(keep)
 
 
 def _fold(key: tf.Tensor, data) -> tf.Tensor:

@@ -99,7 +99,7 @@ class StreamSource:
             decoders={"image": tfds.decode.SkipDecoding()},  # Decode fused with the crop later.
             read_config=tfds.ReadConfig(try_autocache=False, skip_prefetch=True),
         )
-        ds = ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32)))
+        ds = ds.map(tf.autograph.experimental.do_not_convert(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32))))
         return ds.cache() if self.cache else ds
 
 

@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from ca_flax import data
+from ca_flax.data import synthetic
 from ca_flax.checkpoints import FORMAT, METADATA_FILE, VERSION, model_config, read_metadata, restore
 from ca_flax.models import create_model
 from ca_flax.training import parallel
@@ -35,7 +36,9 @@ from ca_flax.training.optim import create_optimizer, learning_rate_schedule
 from ca_flax.training.state import TrainState, create_train_state
 from ca_flax.training.steps import eval_step, train_step
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# float64 is for exactness checks (tests compare device and process counts in it); it
+# needs JAX_ENABLE_X64=1.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -44,11 +47,16 @@ class NonFiniteLossError(RuntimeError):
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> Any:
     """The configured network (raises ValueError for an unknown name or bad option)."""
-    if config.dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}.")
+    param_dtype = config.get("param_dtype", "float32")
+    for name, value in (("dtype", config.dtype), ("param_dtype", param_dtype)):
+        if value not in DTYPES:
+            raise ValueError(f"{name} must be one of {sorted(DTYPES)}, got {value!r}.")
+        if value == "float64" and not jax.config.jax_enable_x64:
+            raise ValueError(f"{name}='float64' needs 64-bit JAX: set JAX_ENABLE_X64=1 in the environment.")
     overrides = dict(config.get("model_overrides", {}) or {})
     return create_model(
-        config.model, num_classes=num_classes, width_mult=config.width_mult, dtype=DTYPES[config.dtype], **overrides
+        config.model, num_classes=num_classes, width_mult=config.width_mult, dtype=DTYPES[config.dtype],
+        param_dtype=DTYPES[param_dtype], **overrides,
     )
 
 
@@ -72,8 +80,7 @@ def validate_config(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
             raise ValueError(f"{name} must be a positive integer, got {config[name]!r}.")
     parallel.check_batch_divisible(config.batch_size)
     parallel.check_batch_divisible(config.eval_batch_size, "eval_batch_size")
-    data.validate_dataset(config.dataset, config.data_dir)
-    info = data.dataset_info(config.dataset, config.data_dir)
+    info = synthetic.info() if config.dataset == synthetic.NAME else data.validate_dataset(config.dataset, config.data_dir)
     model = build_model(config, info.num_classes)
     plan_steps(config, info.num_train)
     if config.init_from:
@@ -236,18 +243,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         in_shardings=(replicated, batch_sharding),
         out_shardings=replicated,
     )
-    train_batches = data.train_batches(
-        config.dataset, data_dir=config.data_dir, image_size=config.image_size,
-        global_batch_size=config.batch_size, seed=config.seed, start_step=start_step,
-        process_index=jax.process_index(), process_count=jax.process_count(), augment=_augment(config),
-    )
-
-    def eval_batches():
-        return data.eval_batches(
-            config.dataset, data_dir=config.data_dir, image_size=config.image_size,
-            global_batch_size=config.eval_batch_size, process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
+    train_batches = _train_batches(config, start_step)
+    eval_batches = functools.partial(_eval_batches, config)
 
     def meta_for(step: int, metrics: dict[str, float]) -> dict[str, Any]:
         return {"step": step, "data_position": step, "epoch": step / steps_per_epoch, "metrics": metrics}
@@ -264,9 +261,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             if not np.isfinite(value):
                 checkpoints.wait()
                 raise NonFiniteLossError(
-                    f"Loss became {value} at step {step}; stopping. The last good checkpoint "
-                    f"(step {checkpoints.latest_step()}) is kept in {checkpoints.directory}; lower the learning rate "
-                    "or check the input data, then rerun to resume from it."
+                    f"Loss became {value} at step {step}; stopping. "
+                    + (f"The last good checkpoint (step {checkpoints.latest_step()}) is kept in {checkpoints.directory}; "
+                       if checkpoints.latest_step() is not None else "No checkpoint had been saved yet; ")
+                    + "lower the learning rate or check the input data, then rerun."
                 )
         pending_losses.clear()
 
@@ -345,5 +343,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
 
 def _augment(config: ml_collections.ConfigDict) -> Any:
+    """The config's augmentation, or the dataset's default (``data.default_augment``)."""
     aug = config.get("augment", None)
-    return data.AugmentConfig(**dict(aug)) if aug else data.AugmentConfig()
+    return data.AugmentConfig(**dict(aug)) if aug else None
+
+
+def _train_batches(config: ml_collections.ConfigDict, start_step: int) -> Iterator[dict[str, np.ndarray]]:
+    where = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    if config.dataset == synthetic.NAME:
+        return synthetic.batches(image_size=config.image_size, global_batch_size=config.batch_size, seed=config.seed,
+                                 **where)
+    return data.train_batches(
+        config.dataset, data_dir=config.data_dir, image_size=config.image_size, global_batch_size=config.batch_size,
+        seed=config.seed, start_step=start_step, augment=_augment(config), **where,
+    )
+
+
+def _eval_batches(config: ml_collections.ConfigDict) -> Iterator[dict[str, np.ndarray]]:
+    where = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    if config.dataset == synthetic.NAME:  # one batch: a speed benchmark has nothing to measure here
+        return iter([next(synthetic.batches(image_size=config.image_size, global_batch_size=config.eval_batch_size,
+                                            seed=config.seed, mask=True, **where))])
+    return data.eval_batches(
+        config.dataset, data_dir=config.data_dir, image_size=config.image_size,
+        global_batch_size=config.eval_batch_size, **where,
+    )
