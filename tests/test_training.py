@@ -269,7 +269,9 @@ def test_eight_devices_match_one_device(baseline, cache, tmp_path):
     workdir = tmp_path / "wd"
     run_train(workdir, cache=cache, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
     for a, b in zip(jax.tree_util.tree_leaves(final_variables(baseline)), jax.tree_util.tree_leaves(final_variables(workdir))):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # measured: 1e-7 apart
+        # Measured: 1e-7 apart with 8 devices, 9e-5 with 2 processes (the losses agree to
+        # 1e-15); a per-device BatchNorm or a wrong data shard moves them by 1e-2.
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-4)
     losses = lambda wd: [m["train_loss"] for m in read_metrics(wd) if "train_loss" in m]  # noqa: E731
     np.testing.assert_allclose(losses(baseline), losses(workdir), rtol=1e-8)
 
@@ -295,6 +297,8 @@ def test_two_processes_match_one_process(baseline, cache, tmp_path):
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
     assert "in 2 process(es)" in outputs[0]
     for a, b in zip(jax.tree_util.tree_leaves(final_variables(baseline)), jax.tree_util.tree_leaves(final_variables(workdir))):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # measured: 1e-7 apart
+        # Measured: 1e-7 apart with 8 devices, 9e-5 with 2 processes (the losses agree to
+        # 1e-15); a per-device BatchNorm or a wrong data shard moves them by 1e-2.
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-4)
     losses = lambda wd: [m["train_loss"] for m in read_metrics(wd) if "train_loss" in m]  # noqa: E731
     np.testing.assert_allclose(losses(baseline), losses(workdir), rtol=1e-8)

@@ -46,8 +46,14 @@ def initialize_distributed(
 
 
 def make_mesh() -> Mesh:
-    """A 1-D mesh over every device of every process."""
-    return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+    """A 1-D mesh over every device of every process, grouped by process.
+
+    Process ``p``'s devices hold the ``p``-th block of the batch axis, which is exactly
+    the rows the input pipeline gives process ``p`` (rows ``[p * L, (p + 1) * L)`` of each
+    global batch): the global batch is then the same for any number of processes.
+    """
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:

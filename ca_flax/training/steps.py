@@ -4,7 +4,6 @@ statistics) is over the global batch."""
 
 from __future__ import annotations
 
-from typing import Any
 
 import jax
 import jax.numpy as jnp
