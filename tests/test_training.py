@@ -268,12 +268,22 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
 def test_eight_devices_match_one_device(baseline, cache, tmp_path):
     workdir = tmp_path / "wd"
     run_train(workdir, cache=cache, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
-    for a, b in zip(jax.tree_util.tree_leaves(final_variables(baseline)), jax.tree_util.tree_leaves(final_variables(workdir))):
-        # Measured: 1e-7 apart with 8 devices, 9e-5 with 2 processes (the losses agree to
-        # 1e-15); a per-device BatchNorm or a wrong data shard moves them by 1e-2.
-        np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-4)
-    losses = lambda wd: [m["train_loss"] for m in read_metrics(wd) if "train_loss" in m]  # noqa: E731
-    np.testing.assert_allclose(losses(baseline), losses(workdir), rtol=1e-8)
+    assert_same_run(baseline, workdir)
+
+
+def assert_same_run(expected: Path, actual: Path) -> None:
+    """Same losses and evaluation to float64 rounding, same parameters to float tolerance.
+
+    Measured: the losses agree to 1e-15 through step 8. Parameters are 1e-7 apart with 8
+    devices and up to 4e-4 with 2 processes: the reduction order differs and a few weights
+    of this tiny net are very sensitive, though the loss barely sees them. A per-device
+    BatchNorm or a wrong data shard moves the losses by 1e-2 or more.
+    """
+    metrics = lambda wd, key: [m[key] for m in read_metrics(wd) if key in m]  # noqa: E731
+    for key in ("train_loss", "train_top1", "eval_loss", "eval_top1"):
+        np.testing.assert_allclose(metrics(expected, key), metrics(actual, key), rtol=1e-8, err_msg=key)
+    for a, b in zip(jax.tree_util.tree_leaves(final_variables(expected)), jax.tree_util.tree_leaves(final_variables(actual))):
+        np.testing.assert_allclose(a, b, rtol=1e-2, atol=2e-3)
 
 
 def _free_port() -> int:
@@ -296,9 +306,4 @@ def test_two_processes_match_one_process(baseline, cache, tmp_path):
     outputs = [p.communicate(timeout=400)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
     assert "in 2 process(es)" in outputs[0]
-    for a, b in zip(jax.tree_util.tree_leaves(final_variables(baseline)), jax.tree_util.tree_leaves(final_variables(workdir))):
-        # Measured: 1e-7 apart with 8 devices, 9e-5 with 2 processes (the losses agree to
-        # 1e-15); a per-device BatchNorm or a wrong data shard moves them by 1e-2.
-        np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-4)
-    losses = lambda wd: [m["train_loss"] for m in read_metrics(wd) if "train_loss" in m]  # noqa: E731
-    np.testing.assert_allclose(losses(baseline), losses(workdir), rtol=1e-8)
+    assert_same_run(baseline, workdir)
