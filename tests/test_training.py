@@ -274,14 +274,14 @@ def test_eight_devices_match_one_device(baseline, cache, tmp_path):
 def assert_same_run(expected: Path, actual: Path) -> None:
     """Same losses and evaluation to float64 rounding, same parameters to float tolerance.
 
-    Measured: the losses agree to 1e-15 through step 8. Parameters are 1e-7 apart with 8
-    devices and up to 4e-4 with 2 processes: the reduction order differs and a few weights
-    of this tiny net are very sensitive, though the loss barely sees them. A per-device
-    BatchNorm or a wrong data shard moves the losses by 1e-2 or more.
+    Measured: the losses agree to 2e-8 (relative) through step 8. Parameters are 1e-7
+    apart with 8 devices and up to 4e-4 with 2 processes: the reduction order differs and
+    a few weights of this tiny net are very sensitive, though the loss barely sees them.
+    A per-device BatchNorm or a wrong data shard moves the losses by 1e-2 or more.
     """
     metrics = lambda wd, key: [m[key] for m in read_metrics(wd) if key in m]  # noqa: E731
     for key in ("train_loss", "train_top1", "eval_loss", "eval_top1"):
-        np.testing.assert_allclose(metrics(expected, key), metrics(actual, key), rtol=1e-8, err_msg=key)
+        np.testing.assert_allclose(metrics(expected, key), metrics(actual, key), rtol=1e-6, err_msg=key)
     for a, b in zip(jax.tree_util.tree_leaves(final_variables(expected)), jax.tree_util.tree_leaves(final_variables(actual))):
         np.testing.assert_allclose(a, b, rtol=1e-2, atol=2e-3)
 
