@@ -189,6 +189,8 @@ def test_run_writes_metrics_checkpoints_and_events(baseline):
     assert all({"train_loss", "learning_rate"} <= set(m) for m in train)
     assert all("images_per_sec" in m and m["images_per_sec"] > 0 for m in train[1:])
     assert [m["step"] for m in evals] == [4, 8]
+    compiles = [m for m in lines if "train_step_compile_s" in m]
+    assert [m["step"] for m in compiles] == [0] and compiles[0]["train_step_compile_s"] > 0
     assert all(0.0 <= m["eval_top1"] <= m["eval_top5"] <= 1.0 and m["eval_loss"] > 0 for m in evals)
     assert list((baseline / "tensorboard").glob("events.out.tfevents.*"))
     kept = sorted(int(p.name) for p in (baseline / "checkpoints").iterdir() if p.name.isdigit())

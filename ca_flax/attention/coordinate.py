@@ -77,18 +77,30 @@ class CoordinateAttention(nn.Module):
         )(y, use_running_average=not train)
         y = get_activation(self.activation)(y)
 
-        out = x
         if self.directions == "both":
             y_h, y_w = y[:, :height], y[:, height:]
         else:
             y_h = y_w = y
-        # The released code multiplies identity * a_w * a_h, in that order.
+        a_w = a_h = None
         if self.directions in ("both", "w"):
-            a_w = jax.nn.sigmoid(PointwiseConv(channels, use_bias=True, name="gate_w", **conv)(y_w))
-            with jax.named_scope(GATE_SCOPE):
-                out = out * a_w[:, None, :, :]
+            a_w = jax.nn.sigmoid(PointwiseConv(channels, use_bias=True, name="gate_w", **conv)(y_w))[:, None, :, :]
         if self.directions in ("both", "h"):
-            a_h = jax.nn.sigmoid(PointwiseConv(channels, use_bias=True, name="gate_h", **conv)(y_h))
-            with jax.named_scope(GATE_SCOPE):
-                out = out * a_h[:, :, None, :]
-        return out
+            a_h = jax.nn.sigmoid(PointwiseConv(channels, use_bias=True, name="gate_h", **conv)(y_h))[:, :, None, :]
+        with jax.named_scope(GATE_SCOPE):
+            return _apply_gates(x, a_w, a_h)
+
+
+@jax.checkpoint
+def _apply_gates(x: jax.Array, a_w: jax.Array | None, a_h: jax.Array | None) -> jax.Array:
+    """``x * a_w * a_h``, in the released code's order (so rounding matches it).
+
+    Recomputed in the backward pass from its inputs: stored, ``x * a_w`` would be one
+    more feature map per block, and computing the product in one pass is faster than
+    writing and re-reading it.
+    """
+    out = x
+    if a_w is not None:
+        out = out * a_w
+    if a_h is not None:
+        out = out * a_h
+    return out

@@ -29,6 +29,37 @@ def symmetric_padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int
     return ((p, p), (p, p))
 
 
+def _last_axis_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+@jax.custom_vjp
+def pointwise_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x @ w`` over the last axis of ``x`` (any rank), with a backward pass that
+    computes the weight gradient as one plain 2-D matmul.
+
+    Autodiff would contract the input and the output gradient over every leading axis
+    at once (``(N, H, W)``); XLA:CPU then transposes one of the two feature maps before
+    its matmul, which cost as much as the matmuls themselves in MobileNetV2's backward
+    pass. Flattened to ``(N*H*W, C)``, the contraction needs no copy.
+    """
+    return _last_axis_matmul(x, w)
+
+
+def _pointwise_fwd(x, w):
+    return _last_axis_matmul(x, w), (x, w)
+
+
+def _pointwise_bwd(residuals, dy):
+    x, w = residuals
+    dx = jax.lax.dot_general(dy, w, (((dy.ndim - 1,), (1,)), ((), ())))
+    dw = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]), (((0,), (0,)), ((), ())))
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+pointwise_matmul.defvjp(_pointwise_fwd, _pointwise_bwd)
+
+
 class PointwiseConv(nn.Module):
     """1x1 convolution computed as a matmul over the last axis.
 
@@ -49,7 +80,7 @@ class PointwiseConv(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features), self.param_dtype)
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = jax.lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
+        y = pointwise_matmul(x, kernel[0, 0])
         return y + bias if bias is not None else y
 
 
@@ -102,8 +133,9 @@ class ConvBNAct(nn.Module):
         else:
             raise ValueError(f"Unknown convolution kind {self.kind!r}; use 'full', 'depthwise' or 'pointwise'.")
         x = conv(x)
-        x = BatchNorm(
+        # The activation runs inside BatchNorm, where the backward pass recomputes it.
+        activation = get_activation(self.activation) if self.activation is not None else None
+        return BatchNorm(
             momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype,
-            param_dtype=self.param_dtype, name="bn",
+            param_dtype=self.param_dtype, activation=activation, name="bn",
         )(x, use_running_average=not train)
-        return get_activation(self.activation)(x)

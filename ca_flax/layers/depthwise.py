@@ -160,23 +160,38 @@ def _input_grad_strided(dy: jax.Array, kernel: jax.Array, stride: int, in_h: int
 
 
 def _kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape: tuple[int, ...], stride: int) -> jax.Array:
-    """d(loss)/d(kernel)[a, b, 0, c] = sum over n, i, j of x_padded[window(a, b)] * dy."""
+    """d(loss)/d(kernel)[a, b, 0, c] = sum over n, i, j of x_padded[window(a, b)] * dy.
+
+    One tap per iteration of a loop: each tap's product is a full feature map that
+    XLA:CPU hands to a library reduction, and unrolled it would schedule all nine
+    products at once (2 GB more peak memory for MobileNetV2 at batch 32, 224x224).
+    """
     kh, kw = kernel_shape[:2]
-    out_h, out_w = dy.shape[1], dy.shape[2]
-    padded = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
-    taps = []
-    for a in range(kh):
-        for b in range(kw):
-            window = lax.slice(
-                padded,
-                (0, a, b, 0),
-                (padded.shape[0], a + stride * (out_h - 1) + 1, b + stride * (out_w - 1) + 1, padded.shape[3]),
-                (1, stride, stride, 1),
-            )
-            # Accumulate in float32 at least: bf16 sums over a batch lose digits.
-            acc_dtype = jnp.promote_types(dy.dtype, jnp.float32)
-            taps.append(jnp.sum(window.astype(acc_dtype) * dy.astype(acc_dtype), axis=(0, 1, 2)))
-    return jnp.stack(taps).reshape(kh, kw, 1, -1)
+    n, out_h, out_w, c = dy.shape
+    # Phase planes: plane (r, s) = padded[:, r::stride, s::stride]; tap (a, b) is the
+    # plane (a % stride, b % stride) shifted by (a // stride, b // stride), a plain
+    # dynamic slice inside the loop. The extra bottom/right zeros only round the planes
+    # up to whole periods; no tap reads them.
+    rows, cols = out_h + (kh - 1) // stride, out_w + (kw - 1) // stride
+    extra_h = max(0, stride * rows - (x.shape[1] + 2 * (kh // 2)))
+    extra_w = max(0, stride * cols - (x.shape[2] + 2 * (kw // 2)))
+    padded = jnp.pad(x, ((0, 0), (kh // 2, kh // 2 + extra_h), (kw // 2, kw // 2 + extra_w), (0, 0)))
+    planes = jnp.stack([
+        lax.slice(padded, (0, r, s, 0), (n, r + stride * (rows - 1) + 1, s + stride * (cols - 1) + 1, c),
+                  (1, stride, stride, 1))
+        for r in range(stride) for s in range(stride)
+    ])
+    # Accumulate in float32 at least: bf16 sums over a batch lose digits.
+    acc_dtype = jnp.promote_types(dy.dtype, jnp.float32)
+    dy_acc = dy.astype(acc_dtype)
+
+    def tap(index):
+        a, b = index // kw, index % kw
+        plane = lax.dynamic_index_in_dim(planes, (a % stride) * stride + b % stride, keepdims=False)
+        window = lax.dynamic_slice(plane, (0, a // stride, b // stride, 0), (n, out_h, out_w, c))
+        return jnp.sum(window.astype(acc_dtype) * dy_acc, axis=(0, 1, 2))
+
+    return lax.map(tap, jnp.arange(kh * kw)).reshape(kh, kw, 1, c)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

@@ -84,22 +84,25 @@ def _xla_flops(eqn: Any) -> float:
     return _FLOPS_CACHE[key]
 
 
-def _equations(jaxpr: jax.extend.core.Jaxpr) -> Iterator[Any]:
-    """Every equation, descending into sub-jaxprs (jit, custom_vjp, remat...)."""
+def _equations(jaxpr: jax.extend.core.Jaxpr, outer: str = "") -> Iterator[tuple[Any, str]]:
+    """Every equation with its full name stack, descending into sub-jaxprs (jit,
+    custom_vjp, remat...), whose own name stacks are relative to the calling equation."""
     for eqn in jaxpr.eqns:
-        yield eqn
+        stack = "/".join(p for p in (outer, str(eqn.source_info.name_stack)) if p)
+        yield eqn, stack
         for param in eqn.params.values():
             for sub in param if isinstance(param, (list, tuple)) else (param,):
-                inner = getattr(sub, "jaxpr", None)
+                # A ClosedJaxpr (jit, custom_vjp) wraps its Jaxpr; remat carries a bare Jaxpr.
+                inner = sub if isinstance(sub, jax.extend.core.Jaxpr) else getattr(sub, "jaxpr", None)
                 if inner is not None:
-                    yield from _equations(getattr(inner, "jaxpr", inner))
+                    yield from _equations(getattr(inner, "jaxpr", inner), stack)
 
 
-def _eqn_madds(eqn: Any) -> int:
+def _eqn_madds(eqn: Any, name_stack: str) -> int:
     name = eqn.primitive.name
     if name in _MAC_PRIMITIVES:
         return int(_xla_flops(eqn) // 2)
-    if name == "mul" and f"/{GATE_SCOPE}" in f"/{eqn.source_info.name_stack}":
+    if name == "mul" and f"/{GATE_SCOPE}" in f"/{name_stack}":
         return int(eqn.outvars[0].aval.size)
     return 0
 
@@ -129,10 +132,10 @@ def summarize(model: nn.Module, input_shape: tuple[int, ...] = (1, 224, 224, 3),
     jaxpr = jax.make_jaxpr(functools.partial(model.apply, train=False))(variables, x)
 
     madds: dict[str, int] = defaultdict(int)
-    for eqn in _equations(jaxpr.jaxpr):
-        cost = _eqn_madds(eqn)
+    for eqn, name_stack in _equations(jaxpr.jaxpr):
+        cost = _eqn_madds(eqn, name_stack)
         if cost:
-            madds[_layer_of(eqn.source_info.name_stack, depth)] += cost
+            madds[_layer_of(name_stack, depth)] += cost
 
     params: dict[str, int] = defaultdict(int)
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(variables.get("params", {}))[0]:

@@ -54,7 +54,11 @@ def _truncate_after(path: Path, step: int) -> None:
     written again, and a reader must not see two different values for one step."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    def keep(record: dict[str, Any]) -> bool:
+        # A run's compile time is logged at its first step; the resumed run logs its own.
+        return record["step"] < step or (record["step"] == step and "train_step_compile_s" not in record)
+
+    kept = [line for line in path.read_text().splitlines() if line.strip() and keep(json.loads(line))]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)

@@ -1,0 +1,128 @@
+"""Where a train step's time goes, per layer type, forward and backward.
+
+    python benchmarks/profile_step.py [--model mobilenetv2_ca] [--batch 32] [--image-size 224] [--steps 2]
+
+Compiles the SGD train step of ``benchmarks/model.py``, traces ``--steps`` executions
+with ``jax.profiler`` (XLA:CPU emits one trace event per executed kernel when compiled
+with ``xla_cpu_enable_xprof_traceme``), and sums kernel time by the layer each kernel
+came from: the HLO metadata of every fused kernel names the Flax module path and
+whether it belongs to the forward pass or to the transpose (backward) pass. Kernel time
+is summed over threads, so the total can exceed the step's wall time on several cores.
+Run it under the same allocator setting as training (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``,
+see ``ca_flax/host_memory.py``) to profile what ``train.py`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import optax
+from jax._src.lib import _profile_data  # the reader behind jax.profiler's own tools
+
+from model import _variables  # benchmarks/model.py: random variables from shapes alone
+from ca_flax.models import create_model
+
+# First match wins; patterns are searched in the HLO op_name (the Flax module path).
+LAYER_TYPES = [
+    ("depthwise 3x3 conv", r"/depthwise/conv"),
+    ("coordinate attention", r"/attention/"),
+    ("BatchNorm + activation", r"/bn/"),
+    ("1x1 conv (matmul)", r"/(expand|project|head)/conv"),
+    ("stem 3x3 conv", r"/stem/conv"),
+    ("classifier", r"/classifier"),
+]
+_KERNEL = re.compile(r'^\s+%?([\w.\-]+) = .*?metadata=\{op_name="([^"]*)"')
+
+
+def layer_type(op_name: str) -> str:
+    for label, pattern in LAYER_TYPES:
+        if re.search(pattern, op_name):
+            return label
+    return "loss, optimizer, other"
+
+
+def kernel_origins(hlo_text: str) -> dict[str, tuple[str, str]]:
+    """Kernel (instruction) name -> (layer type, 'forward' or 'backward')."""
+    origins = {}
+    for line in hlo_text.splitlines():
+        match = _KERNEL.match(line)
+        if match:
+            name, op_name = match.groups()
+            origins[name] = (layer_type(op_name), "backward" if "transpose(" in op_name else "forward")
+    return origins
+
+
+def build_step(model_name: str, batch: int, size: int):
+    model = create_model(model_name)
+    shape = (batch, size, size, 3)
+    variables = _variables(model, shape)
+    images = jax.random.normal(jax.random.PRNGKey(1), shape)
+    labels = jax.random.randint(jax.random.PRNGKey(2), (batch,), 0, 1000)
+    tx = optax.sgd(0.01, momentum=0.9)
+
+    def train_step(params, batch_stats, opt_state, images, labels):
+        def loss_fn(params):
+            logits, state = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
+                                        mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(0)})
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), state["batch_stats"]
+
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), batch_stats, opt_state, loss
+
+    args = (variables["params"], variables["batch_stats"], tx.init(variables["params"]), images, labels)
+    compiled = jax.jit(train_step, donate_argnums=(0, 1, 2)).lower(*args).compile(
+        compiler_options={"xla_cpu_enable_xprof_traceme": True})
+    return compiled, args
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="mobilenetv2_ca")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--steps", type=int, default=2)
+    args = parser.parse_args()
+
+    step, (params, stats, opt, images, labels) = build_step(args.model, args.batch, args.image_size)
+    origins = kernel_origins(step.as_text())
+    for _ in range(2):  # warm up: first-touch of buffers is not the steady state
+        params, stats, opt, loss = step(params, stats, opt, images, labels)
+    jax.block_until_ready(loss)
+
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            params, stats, opt, loss = step(params, stats, opt, images, labels)
+        jax.block_until_ready(loss)
+        wall = (time.perf_counter() - start) / args.steps
+        jax.profiler.stop_trace()
+        trace = next(Path(trace_dir).rglob("*.xplane.pb"))
+        profile = _profile_data.ProfileData.from_file(str(trace))
+
+    per_type: dict[tuple[str, str], float] = collections.defaultdict(float)
+    for plane in profile.planes:
+        for line in plane.lines:
+            for event in line.events:
+                name = re.sub(r"^end: ", "", event.name)
+                if name in origins and not event.name.startswith("end: "):
+                    per_type[origins[name]] += event.duration_ns / 1e6 / args.steps
+    total = sum(per_type.values())
+    print(f"{args.model} batch={args.batch} {args.image_size}x{args.image_size}: {wall * 1e3:.0f} ms per step (traced), "
+          f"{total:.0f} ms of kernel time over all threads")
+    print(f"{'layer type':<26}{'forward ms':>12}{'backward ms':>13}{'share':>8}")
+    labels_ = [label for label, _ in LAYER_TYPES] + ["loss, optimizer, other"]
+    for label in sorted(labels_, key=lambda l: -(per_type[(l, 'forward')] + per_type[(l, 'backward')])):
+        fwd, bwd = per_type[(label, "forward")], per_type[(label, "backward")]
+        print(f"{label:<26}{fwd:>12.0f}{bwd:>13.0f}{(fwd + bwd) / total:>8.1%}")
+
+
+if __name__ == "__main__":
+    main()
