@@ -309,3 +309,48 @@ def test_two_processes_match_one_process(baseline, cache, tmp_path):
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
     assert "in 2 process(es)" in outputs[0]
     assert_same_run(baseline, workdir)
+
+
+def test_bfloat16_computes_in_bf16_and_keeps_parameters_statistics_and_optimizer_in_float32():
+    from conftest import numpy_variables
+
+    from ca_flax.training.optim import create_optimizer, learning_rate_schedule
+    from ca_flax.training.state import create_train_state
+    from ca_flax.training.steps import train_step
+    from ca_flax.training.trainer import build_model
+
+    config = _config(dtype="bfloat16", width_mult=0.25, model="mobilenetv2_ca", warmup_epochs=0.0)
+    model = build_model(config, num_classes=10)
+    variables = numpy_variables(model, (1, 32, 32, 3))
+    tx = create_optimizer(config, learning_rate_schedule(config, 10, 10))
+    state = create_train_state(model, variables, tx, jax.random.PRNGKey(0))
+    batch = {"image": jnp.asarray(np.random.default_rng(0).standard_normal((4, 32, 32, 3)), jnp.float32),
+             "label": jnp.arange(4) % 10}
+    logits = model.apply(state.variables(), batch["image"])
+    assert logits.dtype == jnp.bfloat16  # the computation runs in bf16
+    new_state, metrics = jax.jit(lambda s, b: train_step(s, b, num_classes=10))(state, batch)
+    for tree in (new_state.params, new_state.batch_stats, new_state.opt_state):
+        assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(tree) if hasattr(leaf, "dtype")} <= {
+            jnp.dtype(jnp.float32), jnp.dtype(jnp.int32)}
+    assert np.isfinite(float(metrics["loss"]))
+    changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), state.params, new_state.params)
+    assert all(jax.tree_util.tree_leaves(changed))
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("gpu8", dict(dtype="bfloat16", batch_size=1024)),
+    ("tpu", dict(dtype="bfloat16")),
+    ("imagenet_mbv2_ca", dict(dtype="float32", batch_size=256, num_epochs=200, momentum=0.9, weight_decay=4e-5)),
+])
+def test_preset_configs_load_and_validate(name, expected):
+    """The presets parse, carry the documented settings and pass every check that needs
+    no data (the dataset itself is checked against a real data_dir at run time)."""
+    import importlib
+
+    config = importlib.import_module(f"configs.{name}").get_config()
+    for key, value in expected.items():
+        assert config[key] == value, (name, key)
+    assert config.batch_size % 8 == 0  # an 8-device host splits it evenly
+    from ca_flax.training.trainer import build_model
+
+    assert build_model(config, num_classes=1000).num_classes == 1000
