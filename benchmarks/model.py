@@ -51,16 +51,15 @@ def _variables(model, shape, seed=0):
     return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
-def bench(name: str, impl: str, batch: int, size: int, steps: int, dtype) -> dict[str, float]:
-    model = create_model(name, depthwise_impl=impl, dtype=dtype)
+def sgd_train_setup(model, batch: int, size: int):
+    """``(train_step, args)``: a plain SGD-with-momentum step on cross-entropy with
+    BatchNorm in training mode, and its arguments ``(params, batch_stats, opt_state,
+    images, labels)`` for random inputs (also used by ``profile_step.py``)."""
     shape = (batch, size, size, 3)
     variables = _variables(model, shape)
     images = jax.random.normal(jax.random.PRNGKey(1), shape)
     labels = jax.random.randint(jax.random.PRNGKey(2), (batch,), 0, 1000)
     tx = optax.sgd(0.01, momentum=0.9)
-    opt_state = tx.init(variables["params"])
-
-    infer = jax.jit(functools.partial(model.apply, train=False))
 
     def train_step(params, batch_stats, opt_state, images, labels):
         def loss_fn(params):
@@ -74,6 +73,15 @@ def bench(name: str, impl: str, batch: int, size: int, steps: int, dtype) -> dic
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), batch_stats, opt_state, loss
+
+    return train_step, (variables["params"], variables["batch_stats"], tx.init(variables["params"]), images, labels)
+
+
+def bench(name: str, impl: str, batch: int, size: int, steps: int, dtype) -> dict[str, float]:
+    model = create_model(name, depthwise_impl=impl, dtype=dtype)
+    train_step, (params, batch_stats, opt_state, images, labels) = sgd_train_setup(model, batch, size)
+    variables = {"params": params, "batch_stats": batch_stats}
+    infer = jax.jit(functools.partial(model.apply, train=False))
 
     step = jax.jit(train_step, donate_argnums=(0, 1, 2))
     infer_compile, infer_ips = _throughput(infer, (variables, images), batch, steps)

@@ -22,10 +22,9 @@ import time
 from pathlib import Path
 
 import jax
-import optax
 from jax._src.lib import _profile_data  # the reader behind jax.profiler's own tools
 
-from model import _variables  # benchmarks/model.py: random variables from shapes alone
+from model import sgd_train_setup  # benchmarks/model.py, next to this script
 from ca_flax.models import create_model
 
 # First match wins; patterns are searched in the HLO op_name (the Flax module path).
@@ -59,24 +58,8 @@ def kernel_origins(hlo_text: str) -> dict[str, tuple[str, str]]:
 
 
 def build_step(model_name: str, batch: int, size: int):
-    model = create_model(model_name)
-    shape = (batch, size, size, 3)
-    variables = _variables(model, shape)
-    images = jax.random.normal(jax.random.PRNGKey(1), shape)
-    labels = jax.random.randint(jax.random.PRNGKey(2), (batch,), 0, 1000)
-    tx = optax.sgd(0.01, momentum=0.9)
-
-    def train_step(params, batch_stats, opt_state, images, labels):
-        def loss_fn(params):
-            logits, state = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
-                                        mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(0)})
-            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), state["batch_stats"]
-
-        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), batch_stats, opt_state, loss
-
-    args = (variables["params"], variables["batch_stats"], tx.init(variables["params"]), images, labels)
+    """The compiled SGD train step of ``benchmarks/model.py`` and its arguments."""
+    train_step, args = sgd_train_setup(create_model(model_name), batch, size)
     compiled = jax.jit(train_step, donate_argnums=(0, 1, 2)).lower(*args).compile(
         compiler_options={"xla_cpu_enable_xprof_traceme": True})
     return compiled, args
@@ -111,9 +94,8 @@ def main() -> None:
     for plane in profile.planes:
         for line in plane.lines:
             for event in line.events:
-                name = re.sub(r"^end: ", "", event.name)
-                if name in origins and not event.name.startswith("end: "):
-                    per_type[origins[name]] += event.duration_ns / 1e6 / args.steps
+                if event.name in origins:
+                    per_type[origins[event.name]] += event.duration_ns / 1e6 / args.steps
     total = sum(per_type.values())
     print(f"{args.model} batch={args.batch} {args.image_size}x{args.image_size}: {wall * 1e3:.0f} ms per step (traced), "
           f"{total:.0f} ms of kernel time over all threads")
