@@ -1,9 +1,9 @@
 """The hand-written backward passes of the fast paths equal plain autodiff.
 
 BatchNorm (statistics with a custom gradient, normalization + activation recomputed in
-the backward pass) and the pointwise matmul are checked in float64 against the same
-math written without any of it, in training mode, so the memory and speed work changes
-no gradient beyond rounding.
+the backward pass), the pointwise matmul and the dense convolution as a patch matmul
+are checked in float64 against the same math written without any of it, in training
+mode, so the memory and speed work changes no value or gradient beyond rounding.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 
 from ca_flax.layers import BatchNorm
 from ca_flax.layers.activations import hard_swish, relu6
-from ca_flax.layers.conv import ConvBNAct, pointwise_matmul
+from ca_flax.layers.conv import Conv, ConvBNAct, conv2d, extract_patches, pointwise_matmul, resolve_full_conv_impl
 from ca_flax.layers.norm import batch_moments
 
 
@@ -116,3 +116,75 @@ def test_pointwise_matmul_gradients_equal_plain_autodiff(shape):
     gx, gw = jax.grad(lambda x, w: jnp.sum(pointwise_matmul(x, w)), (0, 1))(
         x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
     assert gx.dtype == gw.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize(
+    "shape, kernel_size, stride",
+    [((2, 9, 9, 3), 3, 2), ((2, 8, 8, 3), 3, 2), ((1, 7, 6, 2), 7, 1), ((2, 6, 7, 4), 1, 1), ((1, 10, 10, 5), 5, 3)],
+)
+def test_patch_convolution_equals_xla_convolution(shape, kernel_size, stride):
+    gen = np.random.default_rng(5)
+    x = jnp.asarray(gen.standard_normal(shape))
+    kernel = jnp.asarray(gen.standard_normal((kernel_size, kernel_size, shape[-1], 6)))
+
+    def loss(impl):
+        def f(x, kernel):
+            y = conv2d(x, kernel, stride, impl)
+            return jnp.sum(y * jnp.cos(jnp.arange(y.size, dtype=y.dtype).reshape(y.shape)))
+        return f
+
+    want = conv2d(x, kernel, stride, "xla")
+    got = conv2d(x, kernel, stride, "patches")
+    assert got.shape == want.shape == (shape[0], (shape[1] - 1) // stride + 1, (shape[2] - 1) // stride + 1, 6)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    for g, w in zip(jax.grad(loss("patches"), (0, 1))(x, kernel), jax.grad(loss("xla"), (0, 1))(x, kernel)):
+        np.testing.assert_allclose(g, w, rtol=1e-11, atol=1e-11)
+
+
+def test_patches_follow_the_hwio_kernel_order():
+    x = jnp.arange(2 * 4 * 4 * 3, dtype=jnp.float64).reshape(2, 4, 4, 3)
+    patches = extract_patches(x, 3, 1)
+    assert patches.shape == (2, 4, 4, 27)
+    # Window (kh, kw) = (1, 1) is the centre pixel: columns 12..14 of every patch.
+    np.testing.assert_array_equal(patches[..., 12:15], x)
+    # Window (0, 0) of the top-left output is the zero padding.
+    np.testing.assert_array_equal(patches[0, 0, 0, :3], 0.0)
+
+
+def test_conv_module_parameters_and_implementation_choice():
+    x = jnp.ones((1, 8, 8, 3))
+    variables = Conv(4, kernel_size=3, stride=2).init(jax.random.PRNGKey(0), x)
+    assert variables["params"]["kernel"].shape == (3, 3, 3, 4)  # nn.Conv's layout
+    outputs = [Conv(4, kernel_size=3, stride=2, impl=impl).apply(variables, x) for impl in ("xla", "patches", "auto")]
+    for y in outputs[1:]:
+        np.testing.assert_allclose(y, outputs[0], rtol=1e-12, atol=1e-12)
+    stem, cbam_spatial = (3, 3, 3, 32), (7, 7, 2, 1)
+    assert resolve_full_conv_impl("auto", stem, "cpu") == "patches"
+    assert resolve_full_conv_impl("auto", cbam_spatial, "cpu") == "xla"
+    assert resolve_full_conv_impl("auto", stem, "tpu") == resolve_full_conv_impl("auto", stem, "gpu") == "xla"
+    assert resolve_full_conv_impl("xla", stem, "cpu") == "xla"
+    with pytest.raises(ValueError, match="choose one of"):
+        resolve_full_conv_impl("im2row", stem)
+    with pytest.raises(ValueError, match="square"):
+        conv2d(x, jnp.ones((3, 2, 3, 4)))
+    with pytest.raises(ValueError, match="rank 4"):
+        Conv(4).init(jax.random.PRNGKey(0), jnp.ones((8, 8, 3)))
+
+
+def test_activation_gradients_match_pytorch_at_the_kinks():
+    """ReLU6 passes the gradient only strictly inside (0, 6), as PyTorch's hardtanh
+    backward does; hard_swish and hard_sigmoid inherit it at x = -3 and 3."""
+    torch = pytest.importorskip("torch")
+    from ca_flax.layers.activations import hard_sigmoid
+
+    points = np.array([-4.0, -3.0, -1.0, 0.0, 2.5, 3.0, 6.0, 7.0])
+    pairs = [
+        (relu6, torch.nn.functional.relu6),
+        (hard_sigmoid, lambda t: torch.nn.functional.relu6(t + 3.0) / 6.0),
+        (hard_swish, lambda t: t * torch.nn.functional.relu6(t + 3.0) / 6.0),
+    ]
+    for ours, theirs in pairs:
+        t = torch.tensor(points, requires_grad=True)
+        theirs(t).sum().backward()
+        np.testing.assert_array_equal(jax.vmap(jax.grad(ours))(jnp.asarray(points)), t.grad.numpy())
+        np.testing.assert_array_equal(ours(jnp.asarray(points)), theirs(torch.tensor(points)).numpy())

@@ -1,7 +1,15 @@
 """Building blocks shared by the attention modules and the networks."""
 
 from ca_flax.layers.activations import get_activation, hard_sigmoid, hard_swish, list_activations, relu6
-from ca_flax.layers.conv import ConvBNAct, PointwiseConv, conv_kernel_init, dense_kernel_init, symmetric_padding
+from ca_flax.layers.conv import (
+    Conv,
+    ConvBNAct,
+    PointwiseConv,
+    conv2d,
+    conv_kernel_init,
+    dense_kernel_init,
+    symmetric_padding,
+)
 from ca_flax.layers.depthwise import IMPLEMENTATIONS as DEPTHWISE_IMPLEMENTATIONS
 from ca_flax.layers.depthwise import DepthwiseConv, depthwise_conv, resolve_impl
 from ca_flax.layers.norm import BatchNorm
@@ -9,10 +17,12 @@ from ca_flax.layers.pooling import mean_pool
 
 __all__ = [
     "BatchNorm",
+    "Conv",
     "ConvBNAct",
     "DEPTHWISE_IMPLEMENTATIONS",
     "DepthwiseConv",
     "PointwiseConv",
+    "conv2d",
     "conv_kernel_init",
     "dense_kernel_init",
     "depthwise_conv",

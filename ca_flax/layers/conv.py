@@ -1,5 +1,6 @@
-"""Convolutions with PyTorch-style padding, 1x1 convolutions as matmuls, and the
-conv -> BatchNorm -> activation unit MobileNets are built from."""
+"""Convolutions with PyTorch-style padding, 1x1 convolutions as matmuls, dense k x k
+convolutions as one matmul over patches, and the conv -> BatchNorm -> activation unit
+MobileNets are built from."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from ca_flax.layers.activations import ActivationLike, get_activation
-from ca_flax.layers.depthwise import DepthwiseConv, DepthwiseImpl
+from ca_flax.layers.depthwise import DepthwiseConv, DepthwiseImpl, pad_spatial
 from ca_flax.layers.norm import BatchNorm
 
 # The released code's init: N(0, sqrt(2 / (k * k * out_channels))), i.e. He-normal over
@@ -84,6 +85,99 @@ class PointwiseConv(nn.Module):
         return y + bias if bias is not None else y
 
 
+FullConvImpl = Literal["auto", "xla", "patches"]
+FULL_CONV_IMPLEMENTATIONS: tuple[str, ...] = ("xla", "patches")
+
+
+def resolve_full_conv_impl(impl: str, kernel_shape: tuple[int, ...], backend: str | None = None) -> str:
+    """Concrete implementation of a dense convolution with an HWIO ``kernel_shape``.
+
+    ``'auto'`` picks ``'patches'`` on CPU when a patch row (``k * k * in``) is at most
+    twice as wide as the output (``out``), ``'xla'`` otherwise and on accelerators,
+    which keep their convolution units. Measured on the project's CPU at batch 32: the
+    MobileNetV2 stem (27-wide patches, 32 outputs, stride 2, 224x224) took 41 ms
+    forward and 86 ms for the kernel gradient with XLA's convolution and about 10 and
+    34 ms as a patch matmul; CBAM's 7x7 spatial convolution (98-wide patches, one
+    output) was 2 to 3x slower as patches than with XLA's convolution.
+    """
+    if impl == "auto":
+        kh, kw, in_channels, out_channels = kernel_shape
+        narrow = kh * kw * in_channels <= 2 * out_channels
+        return "patches" if (backend or jax.default_backend()) == "cpu" and narrow else "xla"
+    if impl not in FULL_CONV_IMPLEMENTATIONS:
+        raise ValueError(
+            f"Unknown convolution implementation {impl!r}; choose one of {('auto',) + FULL_CONV_IMPLEMENTATIONS}."
+        )
+    return impl
+
+
+def extract_patches(x: jax.Array, kernel_size: int, stride: int) -> jax.Array:
+    """The ``k x k`` windows of NHWC ``x`` (padded ``k // 2`` on every side) at ``stride``,
+    flattened to ``(N, H_out, W_out, k * k * C)`` in ``(kh, kw, c)`` order, the order of
+    an HWIO kernel reshaped to ``(k * k * C, out)``."""
+    n, h, w, c = x.shape
+    (pad_h, _), (pad_w, _) = symmetric_padding(kernel_size)
+    out_h = (h + 2 * pad_h - kernel_size) // stride + 1
+    out_w = (w + 2 * pad_w - kernel_size) // stride + 1
+    padded = pad_spatial(x, pad_h, pad_h, pad_w, pad_w)
+    windows = [
+        jax.lax.slice(
+            padded, (0, i, j, 0), (n, i + stride * (out_h - 1) + 1, j + stride * (out_w - 1) + 1, c), (1, stride, stride, 1)
+        )
+        for i in range(kernel_size)
+        for j in range(kernel_size)
+    ]
+    return jnp.concatenate(windows, axis=-1)
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, impl: FullConvImpl = "auto") -> jax.Array:
+    """Dense convolution of NHWC ``x`` with a square HWIO ``kernel``, padding ``k // 2`` on
+    every side (PyTorch's ``Conv2d(padding=k // 2)``), no bias.
+
+    ``impl='patches'`` computes it as one matmul of the flattened windows with the
+    reshaped kernel (gradients through :func:`pointwise_matmul`); ``'xla'`` calls
+    ``lax.conv_general_dilated``; ``'auto'``: see :func:`resolve_full_conv_impl`. All
+    give the same values to float rounding.
+    """
+    kh, kw, in_channels, _ = kernel.shape
+    if x.ndim != 4 or kh != kw or in_channels != x.shape[-1]:
+        raise ValueError(
+            f"conv2d expects NHWC input and a square (k, k, in, out) kernel with in == input channels; "
+            f"got input {x.shape} and kernel {kernel.shape}."
+        )
+    if resolve_full_conv_impl(impl, kernel.shape) == "xla":
+        return jax.lax.conv_general_dilated(
+            x, kernel, (stride, stride), symmetric_padding(kh), dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+    return pointwise_matmul(extract_patches(x, kh, stride), kernel.reshape(kh * kw * in_channels, -1))
+
+
+class Conv(nn.Module):
+    """Dense ``kernel_size x kernel_size`` convolution, no bias, symmetric padding.
+
+    Its parameter ``kernel`` has ``nn.Conv``'s ``(k, k, in, out)`` layout whatever ``impl``
+    computes it, so checkpoints do not depend on the choice (see :func:`conv2d`).
+    """
+
+    features: int
+    kernel_size: int = 3
+    stride: int = 1
+    impl: FullConvImpl = "auto"
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    kernel_init: Callable[..., jax.Array] = conv_kernel_init
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if x.ndim != 4:
+            raise ValueError(f"Conv expects NHWC input of rank 4, got shape {x.shape}.")
+        kernel = self.param(
+            "kernel", self.kernel_init, (self.kernel_size, self.kernel_size, x.shape[-1], self.features), self.param_dtype
+        )
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        return conv2d(x, kernel, self.stride, self.impl)
+
+
 ConvKind = Literal["full", "depthwise", "pointwise"]
 
 
@@ -125,11 +219,7 @@ class ConvBNAct(nn.Module):
                 raise ValueError("A pointwise convolution has kernel_size 1 and stride 1.")
             conv = PointwiseConv(self.features, kernel_init=conv_kernel_init, **common)
         elif self.kind == "full":
-            conv = nn.Conv(
-                self.features, (self.kernel_size, self.kernel_size), strides=self.stride,
-                padding=symmetric_padding(self.kernel_size), use_bias=False,
-                kernel_init=conv_kernel_init, **common,
-            )
+            conv = Conv(self.features, self.kernel_size, self.stride, kernel_init=conv_kernel_init, **common)
         else:
             raise ValueError(f"Unknown convolution kind {self.kind!r}; use 'full', 'depthwise' or 'pointwise'.")
         x = conv(x)

@@ -26,6 +26,7 @@ from typing import Any, Callable, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 from jax import lax
 
@@ -51,6 +52,13 @@ def resolve_impl(impl: str, backend: str | None = None) -> str:
             f"{('auto',) + IMPLEMENTATIONS}."
         )
     return impl
+
+
+def pad_spatial(x: jax.Array, top: int, bottom: int, left: int, right: int) -> jax.Array:
+    """Zero-pads the H and W axes of NHWC ``x``: one ``lax.pad``, where ``jnp.pad``
+    traces a nested jitted function per call."""
+    zero = jnp.zeros((), x.dtype)
+    return lax.pad(x, zero, ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0)))
 
 
 def _check_args(x: jax.Array, kernel: jax.Array, stride: int) -> None:
@@ -110,7 +118,7 @@ def depthwise_conv_shift(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Ar
     """Depthwise convolution as shifted multiply-adds; gradients by autodiff."""
     kh, kw = kernel.shape[:2]
     out_h, out_w = _out_size(x.shape[1], kh, stride), _out_size(x.shape[2], kw, stride)
-    padded = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+    padded = pad_spatial(x, kh // 2, kh // 2, kw // 2, kw // 2)
     return _shifted_taps(padded, kernel.astype(x.dtype), stride, out_h, out_w)
 
 
@@ -118,7 +126,7 @@ def _input_grad_stride1(dy: jax.Array, kernel: jax.Array) -> jax.Array:
     """d(loss)/dx for stride 1: a correlation of the padded output gradient with the
     kernel flipped in both spatial axes, again as shifted taps."""
     kh, kw = kernel.shape[:2]
-    padded = jnp.pad(dy, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+    padded = pad_spatial(dy, kh // 2, kh // 2, kw // 2, kw // 2)
     return _shifted_taps(padded, kernel[::-1, ::-1], 1, dy.shape[1], dy.shape[2])
 
 
@@ -139,10 +147,7 @@ def _input_grad_strided(dy: jax.Array, kernel: jax.Array, stride: int, in_h: int
     # Output-gradient index i contributes to phase row m = i + a // stride: pad dy so
     # every shifted read stays in bounds.
     max_shift_h, max_shift_w = (kh - 1) // stride, (kw - 1) // stride
-    dy_padded = jnp.pad(
-        dy,
-        ((0, 0), (max_shift_h, max(0, rows - out_h)), (max_shift_w, max(0, cols - out_w)), (0, 0)),
-    )
+    dy_padded = pad_spatial(dy, max_shift_h, max(0, rows - out_h), max_shift_w, max(0, cols - out_w))
     phases = []
     for r in range(stride):
         row_phases = []
@@ -175,7 +180,7 @@ def _kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape: tuple[int, ...], str
     rows, cols = out_h + (kh - 1) // stride, out_w + (kw - 1) // stride
     extra_h = max(0, stride * rows - (x.shape[1] + 2 * (kh // 2)))
     extra_w = max(0, stride * cols - (x.shape[2] + 2 * (kw // 2)))
-    padded = jnp.pad(x, ((0, 0), (kh // 2, kh // 2 + extra_h), (kw // 2, kw // 2 + extra_w), (0, 0)))
+    padded = pad_spatial(x, kh // 2, kh // 2 + extra_h, kw // 2, kw // 2 + extra_w)
     planes = jnp.stack([
         lax.slice(padded, (0, r, s, 0), (n, r + stride * (rows - 1) + 1, s + stride * (cols - 1) + 1, c),
                   (1, stride, stride, 1))
@@ -185,13 +190,18 @@ def _kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape: tuple[int, ...], str
     acc_dtype = jnp.promote_types(dy.dtype, jnp.float32)
     dy_acc = dy.astype(acc_dtype)
 
-    def tap(index):
-        a, b = index // kw, index % kw
-        plane = lax.dynamic_index_in_dim(planes, (a % stride) * stride + b % stride, keepdims=False)
-        window = lax.dynamic_slice(plane, (0, a // stride, b // stride, 0), (n, out_h, out_w, c))
+    # Per tap: (plane, row shift, column shift), worked out here in Python so the loop
+    # body traces no integer arithmetic.
+    taps = np.array([((a % stride) * stride + b % stride, a // stride, b // stride)
+                     for a in range(kh) for b in range(kw)], np.int32)
+
+    def tap(where):
+        plane = lax.dynamic_index_in_dim(planes, where[0], keepdims=False)
+        zero = jnp.zeros((), where.dtype)  # same index dtype as the shifts, with or without x64
+        window = lax.dynamic_slice(plane, (zero, where[1], where[2], zero), (n, out_h, out_w, c))
         return jnp.sum(window.astype(acc_dtype) * dy_acc, axis=(0, 1, 2))
 
-    return lax.map(tap, jnp.arange(kh * kw)).reshape(kh, kw, 1, c)
+    return lax.map(tap, jnp.asarray(taps)).reshape(kh, kw, 1, c)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
