@@ -188,3 +188,30 @@ def test_activation_gradients_match_pytorch_at_the_kinks():
         theirs(t).sum().backward()
         np.testing.assert_array_equal(jax.vmap(jax.grad(ours))(jnp.asarray(points)), t.grad.numpy())
         np.testing.assert_array_equal(ours(jnp.asarray(points)), theirs(torch.tensor(points)).numpy())
+
+
+def test_after_keeps_values_and_recompute_in_backward_keeps_gradients():
+    from ca_flax.layers.recompute import after, recompute_in_backward
+
+    gen = np.random.default_rng(6)
+    x = jnp.asarray(gen.standard_normal((2, 5, 5, 3)))
+    for cotangent in (gen.standard_normal((2, 3, 3, 3)), gen.standard_normal((3,))):
+        np.testing.assert_array_equal(after(x, jnp.asarray(cotangent)), x)
+    assert after(x.astype(jnp.bfloat16), jnp.ones((3,))).dtype == jnp.bfloat16
+    # A non-finite cotangent entry poisons the matching (example, channel) of x.
+    poisoned = after(x, jnp.ones((2, 3, 3, 3)).at[1, 0, 0, 2].set(jnp.inf))
+    assert bool(jnp.isnan(poisoned[1, ..., 2]).all()) and int(jnp.isnan(poisoned).sum()) == 25
+
+    def fn(x, w, maybe, power):
+        y = jnp.tanh(x * w) ** power
+        return y * maybe if maybe is not None else y
+
+    w = jnp.asarray(gen.standard_normal((3,)))
+    for maybe in (None, jnp.asarray(gen.standard_normal((2, 5, 5, 3)))):
+        ours = recompute_in_backward(fn, static_argnums=(3,))
+        loss = lambda f: (lambda x, w, m: jnp.sum(jnp.sin(f(x, w, m, 3))))  # noqa: E731
+        np.testing.assert_array_equal(ours(x, w, maybe, 3), fn(x, w, maybe, 3))
+        got = jax.grad(loss(ours), (0, 1, 2))(x, w, maybe)
+        want = jax.grad(loss(fn), (0, 1, 2))(x, w, maybe)
+        for g, h in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+            np.testing.assert_allclose(g, h, rtol=1e-13, atol=1e-13)

@@ -13,6 +13,7 @@ from ca_flax.layers.activations import ActivationLike, get_activation
 from ca_flax.layers.conv import PointwiseConv, conv_kernel_init
 from ca_flax.layers.norm import BatchNorm
 from ca_flax.layers.pooling import mean_pool
+from ca_flax.layers.recompute import recompute_in_backward
 
 Directions = Literal["both", "h", "w"]
 
@@ -90,17 +91,17 @@ class CoordinateAttention(nn.Module):
             return _apply_gates(x, a_w, a_h)
 
 
-@jax.checkpoint
-def _apply_gates(x: jax.Array, a_w: jax.Array | None, a_h: jax.Array | None) -> jax.Array:
-    """``x * a_w * a_h``, in the released code's order (so rounding matches it).
-
-    Recomputed in the backward pass from its inputs: stored, ``x * a_w`` would be one
-    more feature map per block, and computing the product in one pass is faster than
-    writing and re-reading it.
-    """
+def _gates_math(x: jax.Array, a_w: jax.Array | None, a_h: jax.Array | None) -> jax.Array:
+    """``x * a_w * a_h``, in the released code's order (so rounding matches it)."""
     out = x
     if a_w is not None:
         out = out * a_w
     if a_h is not None:
         out = out * a_h
     return out
+
+
+# Recomputed in the backward pass from its inputs: stored, ``x * a_w`` would be one more
+# feature map per block, and computing the product in one pass is faster than writing
+# and re-reading it.
+_apply_gates = recompute_in_backward(_gates_math)

@@ -30,6 +30,8 @@ import numpy as np
 from flax import linen as nn
 from jax import lax
 
+from ca_flax.layers.recompute import after
+
 DepthwiseImpl = Literal["auto", "xla", "shift", "shift_vjp"]
 IMPLEMENTATIONS: tuple[str, ...] = ("xla", "shift", "shift_vjp")
 
@@ -215,7 +217,10 @@ def _shift_vjp_fwd(x, kernel, stride):
 
 
 def _shift_vjp_bwd(stride, residuals, dy):
+    # Tied to dy: the padded copy and phase planes of x are built when the backward
+    # pass reaches this layer, not hoisted into the forward pass.
     x, kernel = residuals
+    x = after(x, dy)
     k = kernel.astype(dy.dtype)
     if stride == 1:
         dx = _input_grad_stride1(dy, k)
