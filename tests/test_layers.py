@@ -57,6 +57,25 @@ def test_batch_norm_gradients_equal_plain_autodiff(activation):
         np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
 
 
+def test_batch_norm_gradients_on_a_channels_first_axis():
+    """axis=1 (NCHW): the backward pass's ties to the cotangent broadcast per channel."""
+    gen = np.random.default_rng(7)
+    x = jnp.asarray(gen.standard_normal((3, 4, 5, 6)))
+    cotangent = jnp.asarray(gen.standard_normal(x.shape))
+    module = BatchNorm(axis=1, activation=relu6, dtype=jnp.float64, param_dtype=jnp.float64)
+    variables = module.init(jax.random.PRNGKey(0), x, use_running_average=False)
+
+    def ours(x):
+        return jnp.sum(module.apply(variables, x, use_running_average=False, mutable=["batch_stats"])[0] * cotangent)
+
+    def reference(x):
+        moved = jnp.moveaxis(x, 1, -1)
+        y = reference_batch_norm(moved, jnp.ones(4), jnp.zeros(4), relu6)
+        return jnp.sum(jnp.moveaxis(y, -1, 1) * cotangent)
+
+    np.testing.assert_allclose(jax.grad(ours)(x), jax.grad(reference)(x), rtol=1e-10, atol=1e-12)
+
+
 def test_batch_moments_gradient_and_dtype():
     gen = np.random.default_rng(1)
     x = jnp.asarray(gen.standard_normal((3, 4, 4, 5)))

@@ -13,7 +13,7 @@ the whole global batch with no ``axis_name`` plumbing.
 
 Memory in training: the backward pass keeps only the layer's input and its per-channel
 statistics. The normalization (and an optional fused ``activation``) is recomputed
-from them in the backward pass (:func:`~ca_flax.layers.recompute.recompute_in_backward`), and the batch variance has a
+from them in the backward pass (``layers/recompute.py``), and the batch variance has a
 hand-written gradient that needs no centred copy of the input. Plain autodiff would keep
 the centred input, the normalized output and the activation's input: three more
 feature maps per layer, about half of MobileNetV2's training memory.
@@ -50,7 +50,7 @@ def _moments_fwd(x, axes):
 def _moments_bwd(axes, residuals, cotangents):
     d_mean, d_var = cotangents
     x, mean = residuals
-    x = after(x, d_var)  # the centred map below waits for the backward pass
+    x = after(x, jnp.expand_dims(d_var, axes))  # the centred map below waits for the backward pass
     count = x.size // mean.size
     # d var / d x = 2 (x - mean) / count: the path through the mean sums to zero.
     centred = x.astype(mean.dtype) - jnp.expand_dims(mean, axes)
