@@ -48,13 +48,13 @@ def _moments_fwd(x, axes):
 
 
 def _moments_bwd(axes, residuals, cotangents):
-    d_mean, d_var = cotangents
     x, mean = residuals
-    x = after(x, jnp.expand_dims(d_var, axes))  # the centred map below waits for the backward pass
+    d_mean, d_var = (jnp.expand_dims(d, axes) for d in cotangents)
+    x = after(x, d_var)  # the centred map below waits for the backward pass
     count = x.size // mean.size
     # d var / d x = 2 (x - mean) / count: the path through the mean sums to zero.
     centred = x.astype(mean.dtype) - jnp.expand_dims(mean, axes)
-    dx = (jnp.expand_dims(d_mean, axes) + 2.0 * jnp.expand_dims(d_var, axes) * centred) / count
+    dx = (d_mean + 2.0 * d_var * centred) / count
     return (dx.astype(x.dtype),)
 
 
