@@ -2,6 +2,8 @@
 
     python benchmarks/compare_pytorch.py [--batch 32] [--image-size 224] [--steps 10]
         [--out benchmarks/results/compare_pytorch.json] [--only torch_train_nchw,...]
+    python benchmarks/compare_pytorch.py --device gpu --dtype bfloat16 --batch 256 \
+        --out benchmarks/results/compare_pytorch_gpu.json
 
 Every measurement runs in a fresh subprocess, one after another (never two at once, so
 they do not share cores), and reports images/s, compile (or first-call) seconds and the
@@ -28,8 +30,19 @@ Measurements:
 - ``flax_trainer_cached``: the same command again in a new workdir sharing the first run's
   persistent compilation cache: what a second run pays to compile.
 
+On a GPU (``--device gpu``), ``--dtype bfloat16`` runs PyTorch under AMP (``autocast`` to
+bfloat16; channels_last is its fast layout) and ca-flax with ``dtype=bfloat16`` (float32
+parameters and BatchNorm statistics in both). The trainer measurements are left out there
+(its TensorBoard writer needs TensorFlow); peak device memory comes from
+``torch.cuda.max_memory_allocated`` and XLA's ``peak_bytes_in_use``. A first measurement,
+``gpu_matmul_peak``, times a large bfloat16 matrix product: the table gives each
+measurement's model FLOP/s (2 x MAdds per image, x3 for a training step) as a fraction of
+it. ``--depthwise-impl`` times ca-flax with another depthwise implementation.
+
 Prints a table with ratios against the best PyTorch configuration of each kind and writes
-everything (plus the machine and versions) as JSON. Timings are noisy on shared
+everything (plus the machine and versions) as JSON after every measurement, so an
+interrupted run keeps what it measured. A measurement that fails or passes
+``--worker-timeout`` is recorded with its error and the run goes on. Timings are noisy on shared
 machines: compare within one run. No test asserts on these numbers.
 """
 
@@ -43,6 +56,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -73,16 +87,22 @@ def _timed_loop(step, steps: int, sync) -> tuple[float, float]:
     return first, (time.perf_counter() - start) / steps
 
 
-def torch_worker(kind: str, batch: int, size: int, steps: int) -> dict:
+def torch_worker(kind: str, batch: int, size: int, steps: int, device: str, dtype: str) -> dict:
+    import contextlib
+
     import torch
 
     sys.path.insert(0, str(REPO / "tests"))
     from torch_reference import OfficialMBV2CA
 
     torch.manual_seed(0)
-    model = OfficialMBV2CA(num_classes=1000)
-    images = torch.randn(batch, 3, size, size)
-    labels = torch.randint(0, 1000, (batch,))
+    torch_device = "cuda" if device == "gpu" else "cpu"
+    model = OfficialMBV2CA(num_classes=1000).to(torch_device)
+    images = torch.randn(batch, 3, size, size, device=torch_device)
+    labels = torch.randint(0, 1000, (batch,), device=torch_device)
+    # AMP: float32 parameters, bfloat16 compute where autocast deems it safe.
+    autocast = (lambda: torch.autocast(torch_device, dtype=torch.bfloat16)) if dtype == "bfloat16" \
+        else contextlib.nullcontext
     if "channels_last" in kind:
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
@@ -91,7 +111,7 @@ def torch_worker(kind: str, batch: int, size: int, steps: int) -> dict:
         net = torch.compile(model) if kind.endswith("compile") else model
 
         def step():
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast():
                 return net(images)
     else:
         model.train()
@@ -101,17 +121,53 @@ def torch_worker(kind: str, batch: int, size: int, steps: int) -> dict:
 
         def step():
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(net(images), labels)
+            with autocast():
+                loss = loss_fn(net(images).float(), labels)
             loss.backward()
             opt.step()
             return loss.detach()
 
-    first, per_step = _timed_loop(step, steps, lambda out: out.sum().item())
-    return {"images_per_sec": batch / per_step, "compile_s": first if kind.endswith("compile") else None,
-            "threads": torch.get_num_threads(), "version": torch.__version__}
+    first, per_step = _timed_loop(step, steps, lambda out: out.float().sum().item())
+    result = {"images_per_sec": batch / per_step, "compile_s": first if kind.endswith("compile") else None,
+              "threads": torch.get_num_threads(), "version": torch.__version__}
+    if device == "gpu":
+        result["peak_device_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        result["device_name"] = torch.cuda.get_device_name()
+    return result
 
 
-def flax_infer_worker(batch: int, size: int, steps: int) -> dict:
+def _jax_device_peak(result: dict) -> dict:
+    """Adds XLA's peak device allocation on an accelerator (CPU reports none)."""
+    import jax
+
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if jax.default_backend() != "cpu" and "peak_bytes_in_use" in stats:
+        result["peak_device_mib"] = stats["peak_bytes_in_use"] / 2**20
+        result["device_name"] = jax.local_devices()[0].device_kind
+    return result
+
+
+def gpu_matmul_peak_worker(size: int = 8192, repeats: int = 20) -> dict:
+    """The measured bfloat16 matrix-product rate: the ceiling model FLOP/s are compared with."""
+    import jax
+    import jax.numpy as jnp
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 2)
+    a, b = (jax.random.normal(k, (size, size), jnp.bfloat16) for k in keys)
+    matmul = jax.jit(lambda a, b: a @ b)
+    _, per_call = _timed_loop(lambda: matmul(a, b), repeats, jax.block_until_ready)
+    return _jax_device_peak({"tflops": 2 * size**3 / per_call / 1e12, "version": jax.__version__})
+
+
+def model_madds_worker() -> dict:
+    """Multiply-accumulates per 224x224 image (the papers' MAdds), from XLA's cost analysis."""
+    from ca_flax.models import create_model
+    from ca_flax.models.summary import summarize
+
+    return {"madds": summarize(create_model("mobilenetv2_ca")).total_madds}
+
+
+def flax_infer_worker(batch: int, size: int, steps: int, dtype: str, depthwise_impl: str) -> dict:
     import functools
 
     import jax
@@ -119,7 +175,7 @@ def flax_infer_worker(batch: int, size: int, steps: int) -> dict:
 
     from ca_flax.models import create_model
 
-    model = create_model("mobilenetv2_ca")
+    model = create_model("mobilenetv2_ca", dtype=jnp.dtype(dtype), depthwise_impl=depthwise_impl)
     shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
                             jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
     # Any finite values do for timing; running the initializers would only add compile time.
@@ -129,11 +185,11 @@ def flax_infer_worker(batch: int, size: int, steps: int) -> dict:
     infer = jax.jit(functools.partial(model.apply, train=False)).lower(variables, images).compile()
     compile_s = time.perf_counter() - start
     _, per_step = _timed_loop(lambda: infer(variables, images), steps, jax.block_until_ready)
-    return {"images_per_sec": batch / per_step, "compile_s": compile_s, "version": jax.__version__,
-            "backend": jax.default_backend()}
+    return _jax_device_peak({"images_per_sec": batch / per_step, "compile_s": compile_s,
+                             "version": jax.__version__, "backend": jax.default_backend()})
 
 
-def flax_train_step_worker(batch: int, size: int, steps: int) -> dict:
+def flax_train_step_worker(batch: int, size: int, steps: int, dtype: str, depthwise_impl: str) -> dict:
     """The trainer's own jitted step (same config, optimizer and state) in a bare loop:
     what ``flax_trainer`` would reach if the loop around the step cost nothing."""
     import functools
@@ -150,7 +206,8 @@ def flax_train_step_worker(batch: int, size: int, steps: int) -> dict:
     from configs import fake_data_benchmark
 
     config = fake_data_benchmark.get_config()
-    config.batch_size, config.image_size = batch, size
+    config.batch_size, config.image_size, config.dtype = batch, size, dtype
+    config.model_overrides.depthwise_impl = depthwise_impl
     model = build_model(config, synthetic.NUM_CLASSES)
     shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
                             jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
@@ -172,7 +229,7 @@ def flax_train_step_worker(batch: int, size: int, steps: int) -> dict:
         return metrics["loss"]
 
     _, per_step = _timed_loop(step, steps, jax.block_until_ready)
-    return {"images_per_sec": batch / per_step, "compile_s": compile_s}
+    return _jax_device_peak({"images_per_sec": batch / per_step, "compile_s": compile_s})
 
 
 def flax_trainer_run(
@@ -196,33 +253,53 @@ def flax_trainer_run(
 # ----------------------------------------------------------------------------------
 
 
-def _wait_with_peak(proc: subprocess.Popen) -> tuple[int, float]:
-    """(exit status, peak RSS in MiB) of a child, from wait4's rusage (kilobytes on Linux)."""
-    _, status, usage = os.wait4(proc.pid, 0)
+def _wait_with_peak(proc: subprocess.Popen, timeout: float | None) -> tuple[int, float, bool]:
+    """(exit status, peak RSS in MiB, timed out) of a child, from wait4's rusage
+    (kilobytes on Linux); a child still running after ``timeout`` seconds is killed."""
+    killed = threading.Event()
+
+    def kill() -> None:
+        killed.set()
+        proc.kill()
+
+    timer = threading.Timer(timeout, kill) if timeout else None
+    if timer:
+        timer.start()
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    finally:
+        if timer:
+            timer.cancel()
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, usage.ru_maxrss / 1024
+    return proc.returncode, usage.ru_maxrss / 1024, killed.is_set()
 
 
 def worker_environment(glibc_tunables: str | None) -> dict[str, str]:
     """The same allocator setting for every process."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     env.pop("GLIBC_TUNABLES", None)
     if glibc_tunables:
         env["GLIBC_TUNABLES"] = glibc_tunables
     return env
 
 
-def run_worker(name: str, args: argparse.Namespace) -> dict:
+def _failure(name: str, status: int, timed_out: bool, args: argparse.Namespace, output: str) -> RuntimeError:
+    reason = f"killed after --worker-timeout {args.worker_timeout:.0f} s" if timed_out else f"exit {status}"
+    return RuntimeError(f"{name} failed ({reason}):\n{output[-3000:]}")
+
+
+def run_worker(name: str, args: argparse.Namespace, env: dict[str, str] | None = None) -> dict:
     command = [sys.executable, __file__, "--worker", name, "--batch", str(args.batch),
-               "--image-size", str(args.image_size), "--steps", str(args.steps)]
+               "--image-size", str(args.image_size), "--steps", str(args.steps), "--device", args.device,
+               "--dtype", args.dtype, "--depthwise-impl", args.depthwise_impl]
     with tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                env=worker_environment(args.glibc_tunables))
-        status, peak = _wait_with_peak(proc)
+                                env=env or worker_environment(args.glibc_tunables))
+        status, peak, timed_out = _wait_with_peak(proc, args.worker_timeout)
         out.seek(0)
         text = out.read()
     if status != 0:
-        raise RuntimeError(f"{name} failed (exit {status}):\n{text[-3000:]}")
+        raise _failure(name, status, timed_out, args, text)
     result = json.loads(text.strip().splitlines()[-1])
     return {**result, "peak_rss_mib": peak}
 
@@ -232,32 +309,52 @@ def run_trainer(name: str, args: argparse.Namespace, scratch: Path) -> dict:
     workdir = scratch / name
     proc, log = flax_trainer_run(args.batch, args.image_size, args.steps, workdir, cache,
                                  worker_environment(args.glibc_tunables))
-    status, peak = _wait_with_peak(proc)
+    status, peak, timed_out = _wait_with_peak(proc, args.worker_timeout)
     if status != 0:
-        raise RuntimeError(f"{name} failed (exit {status}):\n{log.read_text()[-3000:]}")
+        raise _failure(name, status, timed_out, args, log.read_text())
     lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     rate = [m["images_per_sec"] for m in lines if "images_per_sec" in m][-1]
     compile_s = [m["train_step_compile_s"] for m in lines if "train_step_compile_s" in m][-1]
     return {"images_per_sec": rate, "compile_s": compile_s, "peak_rss_mib": peak}
 
 
-def _ratio_table(results: dict[str, dict]) -> list[str]:
+def _peak_fraction(name: str, rate: float, madds: int | None, peak_tflops: float | None) -> str:
+    """Model FLOP/s (2 FLOPs per MAdd; a training step ~3x the forward pass) over the
+    measured matrix-product rate."""
+    if not (madds and peak_tflops):
+        return ""
+    passes = 1 if "infer" in name else 3
+    return f"{2 * madds * passes * rate / (peak_tflops * 1e12):.2%}"
+
+
+def _ratio_table(results: dict[str, dict], madds: int | None = None, peak_tflops: float | None = None) -> list[str]:
     """Text table; ratios are against the best PyTorch eager (train) or any (infer) config."""
+    measured = {k: v for k, v in results.items() if "images_per_sec" in v}
     best = {}
     for kind in ("infer", "train"):
-        torch_rates = {k: v["images_per_sec"] for k, v in results.items()
+        torch_rates = {k: v["images_per_sec"] for k, v in measured.items()
                        if k.startswith(f"torch_{kind}") and not (kind == "train" and k.endswith("compile"))}
         if torch_rates:
             best[kind] = max(torch_rates.items(), key=lambda kv: kv[1])
-    rows = [f"{'measurement':<28}{'img/s':>9}{'compile s':>11}{'peak MiB':>10}  ratio"]
+    device_memory = any("peak_device_mib" in r for r in measured.values())
+    memory_header = f"{'device MiB':>11}" if device_memory else ""
+    rows = [f"{'measurement':<28}{'img/s':>9}{'compile s':>11}{'peak MiB':>10}{memory_header}"
+            + (f"{'of peak':>9}" if madds and peak_tflops else "") + "  ratio"]
     for name, r in results.items():
+        if "images_per_sec" not in r:
+            rows.append(f"{name:<28}  failed: {r.get('error', '?').splitlines()[0]}")
+            continue
         kind = "infer" if "infer" in name else "train"
         ratio = ""
         if kind in best and name.startswith("flax"):
             ratio = f"{r['images_per_sec'] / best[kind][1]:.2f}x {best[kind][0]}"
         compile_s = f"{r['compile_s']:.1f}" if r.get("compile_s") is not None else "-"
-        rows.append(f"{name:<28}{r['images_per_sec']:>9.2f}{compile_s:>11}{r['peak_rss_mib']:>10.0f}  {ratio}")
-    if "flax_trainer" in results and "flax_train_step" in results:
+        memory = f"{r['peak_device_mib']:>11.0f}" if "peak_device_mib" in r else f"{'-':>11}"
+        memory = memory if device_memory else ""
+        fraction = _peak_fraction(name, r["images_per_sec"], madds, peak_tflops)
+        rows.append(f"{name:<28}{r['images_per_sec']:>9.2f}{compile_s:>11}{r['peak_rss_mib']:>10.0f}{memory}"
+                    + (f"{fraction:>9}" if fraction else "") + f"  {ratio}")
+    if "images_per_sec" in results.get("flax_trainer", {}) and "images_per_sec" in results.get("flax_train_step", {}):
         loop = 1 - results["flax_trainer"]["images_per_sec"] / results["flax_train_step"]["images_per_sec"]
         rows.append(f"training loop overhead over the bare step: {loop:+.1%}")
     return rows
@@ -274,60 +371,106 @@ def _machine() -> dict:
     return info
 
 
+def _write_json(path: Path, report: dict) -> None:
+    """Atomically: a reader never sees a half-written report."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _run_worker_mode(args: argparse.Namespace) -> None:
+    if args.worker.startswith("torch"):
+        result = torch_worker(args.worker, args.batch, args.image_size, args.steps, args.device, args.dtype)
+    elif args.worker == "flax_train_step":
+        result = flax_train_step_worker(args.batch, args.image_size, args.steps, args.dtype, args.depthwise_impl)
+    elif args.worker == "flax_infer":
+        result = flax_infer_worker(args.batch, args.image_size, args.steps, args.dtype, args.depthwise_impl)
+    elif args.worker == "gpu_matmul_peak":
+        result = gpu_matmul_peak_worker()
+    else:
+        result = model_madds_worker()
+    print(json.dumps(result))
+
+
+def _measurements(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
+    flax = FLAX_MEASUREMENTS if args.device == "cpu" else ["flax_infer", "flax_train_step"]
+    names = TORCH_MEASUREMENTS + (["torch_train_compile"] if args.torch_compile_train else []) + flax
+    if args.only:
+        every = TORCH_MEASUREMENTS + ["torch_train_compile"] + flax
+        unknown = set(args.only.split(",")) - set(every)
+        if unknown:
+            parser.error(f"unknown measurement(s) {sorted(unknown)} on {args.device}; choose from {every}")
+        names = list(dict.fromkeys(args.only.split(",")))  # in the order given
+    cached_first = "flax_trainer_cached" in names and (
+        "flax_trainer" not in names or names.index("flax_trainer_cached") < names.index("flax_trainer"))
+    if cached_first:
+        parser.error("flax_trainer_cached reuses flax_trainer's compilation cache: measure flax_trainer first.")
+    return names
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--steps", type=int, default=10, help="timed steps after the warm-up ones")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="computation dtype: bfloat16 is PyTorch AMP and ca-flax dtype=bfloat16")
+    parser.add_argument("--depthwise-impl", default="auto", help="ca-flax depthwise implementation")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--only", default="", help="comma-separated subset of measurements")
+    parser.add_argument("--only", default="", help="comma-separated subset of measurements, run in that order")
     parser.add_argument("--torch-compile-train", action="store_true", help="also time torch.compile training")
     parser.add_argument("--glibc-tunables", default=None,
                         help="GLIBC_TUNABLES for every process, e.g. glibc.malloc.hugetlb=1 (default: none)")
+    parser.add_argument("--worker-timeout", type=float, default=None,
+                        help="seconds before a measurement's process is killed (default: none)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-
     if args.worker:
-        if args.worker.startswith("torch"):
-            result = torch_worker(args.worker, args.batch, args.image_size, args.steps)
-        elif args.worker == "flax_train_step":
-            result = flax_train_step_worker(args.batch, args.image_size, args.steps)
-        else:
-            result = flax_infer_worker(args.batch, args.image_size, args.steps)
-        print(json.dumps(result))
+        _run_worker_mode(args)
         return
+    names = _measurements(args, parser)
 
-    names = TORCH_MEASUREMENTS + (["torch_train_compile"] if args.torch_compile_train else []) + FLAX_MEASUREMENTS
-    if args.only:
-        unknown = set(args.only.split(",")) - set(names) - {"torch_train_compile"}
-        if unknown:
-            parser.error(f"unknown measurement(s) {sorted(unknown)}; choose from {names + ['torch_train_compile']}")
-        names = [n for n in names + ["torch_train_compile"] if n in args.only.split(",")]
-    if "flax_trainer_cached" in names and "flax_trainer" not in names:
-        parser.error("flax_trainer_cached reuses flax_trainer's compilation cache: measure both.")
-
-    print(f"MobileNetV2+CA, batch {args.batch}, {args.image_size}x{args.image_size}, fp32, {args.steps} timed steps; "
-          f"{_machine()['cpu']} ({os.cpu_count()} cores); GLIBC_TUNABLES={args.glibc_tunables or '(unset)'}", flush=True)
-    results: dict[str, dict] = {}
+    print(f"MobileNetV2+CA, batch {args.batch}, {args.image_size}x{args.image_size}, {args.dtype} on {args.device}, "
+          f"{args.steps} timed steps; {_machine()['cpu']} ({os.cpu_count()} cores); "
+          f"GLIBC_TUNABLES={args.glibc_tunables or '(unset)'}", flush=True)
+    settings = {"batch": args.batch, "image_size": args.image_size, "steps": args.steps, "dtype": args.dtype,
+                "device": args.device, "depthwise_impl": args.depthwise_impl, "glibc_tunables": args.glibc_tunables}
+    report = {"settings": settings, "machine": _machine(), "date": time.strftime("%Y-%m-%d"), "results": {}}
+    results: dict[str, dict] = report["results"]
+    madds = peak_tflops = None
+    if args.device == "gpu":
+        # Counted on the CPU backend so that this process never holds the GPU.
+        report["madds"] = madds = run_worker("model_madds", args, {**worker_environment(None), "JAX_PLATFORMS": "cpu"})["madds"]
+        try:
+            report["gpu_matmul_peak"] = run_worker("gpu_matmul_peak", args)
+            peak_tflops = report["gpu_matmul_peak"]["tflops"]
+            print(f"  bfloat16 matmul peak: {peak_tflops:.0f} TFLOP/s on "
+                  f"{report['gpu_matmul_peak'].get('device_name', '?')}", flush=True)
+        except RuntimeError as e:
+            print(f"  gpu_matmul_peak: {e}", flush=True)
     scratch = Path(tempfile.mkdtemp(prefix="ca_flax_compare_"))
+    failed = False
     try:
         for name in names:
-            results[name] = run_trainer(name, args, scratch) if name.startswith("flax_trainer") else run_worker(name, args)
-            print(f"  {name}: {results[name]['images_per_sec']:.2f} img/s", flush=True)
+            try:
+                results[name] = run_trainer(name, args, scratch) if name.startswith("flax_trainer") \
+                    else run_worker(name, args)
+                print(f"  {name}: {results[name]['images_per_sec']:.2f} img/s", flush=True)
+            except RuntimeError as e:
+                failed = True
+                results[name] = {"error": str(e)}
+                print(f"  {e}", flush=True)
+            report["table"] = _ratio_table(results, madds, peak_tflops)
+            _write_json(args.out, report)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
-    table = _ratio_table(results)
-    print("\n".join(table))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {"batch": args.batch, "image_size": args.image_size, "steps": args.steps, "dtype": "float32",
-                "glibc_tunables": args.glibc_tunables}
-    report = {"settings": settings,
-              "machine": _machine(), "date": time.strftime("%Y-%m-%d"), "results": results, "table": table}
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(args.out)
+    print("\n".join(report["table"]))
     print(f"Wrote {args.out}")
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -105,7 +105,7 @@ def test_module_dtypes(rng):
 
 def test_auto_resolves_per_backend():
     assert resolve_impl("auto", "cpu") == "shift_vjp"
-    assert resolve_impl("auto", "gpu") == "shift_vjp"
+    assert resolve_impl("auto", "gpu") == "xla"
     assert resolve_impl("auto", "tpu") == "xla"
     assert resolve_impl("auto") in DEPTHWISE_IMPLEMENTATIONS
     assert resolve_impl("shift") == "shift"
