@@ -13,10 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ca_flax.layers import BatchNorm
+from ca_flax.layers import BatchNorm, DepthwiseConv, PointwiseConv
 from ca_flax.layers.activations import hard_swish, relu6
 from ca_flax.layers.conv import Conv, ConvBNAct, conv2d, extract_patches, pointwise_matmul, resolve_full_conv_impl
-from ca_flax.layers.norm import batch_moments
+from ca_flax.layers.norm import batch_moments, batch_norm_train
 
 
 
@@ -74,6 +74,39 @@ def test_batch_norm_gradients_on_a_channels_first_axis():
         return jnp.sum(jnp.moveaxis(y, -1, 1) * cotangent)
 
     np.testing.assert_allclose(jax.grad(ours)(x), jax.grad(reference)(x), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("axis", [3, 1])
+def test_batch_norm_train_gradients_through_every_output(axis):
+    """Cotangents of the batch mean and variance (unused by a model, whose running
+    statistics are not differentiated) reach the input too, on either channel axis."""
+    gen = np.random.default_rng(8)
+    x = jnp.asarray(gen.standard_normal((3, 5, 4, 6)) + 1.0)
+    scale, bias = jnp.asarray(gen.uniform(0.5, 1.5, x.shape[axis])), jnp.asarray(gen.standard_normal(x.shape[axis]))
+    cotangent = jnp.asarray(gen.standard_normal(x.shape))
+    weights = jnp.asarray(gen.standard_normal((2, x.shape[axis])))
+
+    def loss(fn, x, scale, bias):
+        y, mean, var = fn(x, scale, bias)
+        return jnp.sum(y * cotangent) + jnp.sum(weights[0] * mean) + jnp.sum(weights[1] * jnp.sin(var))
+
+    def reference(x, scale, bias):
+        moved = jnp.moveaxis(x, axis, -1)
+        mean, var = jnp.mean(moved, axis=(0, 1, 2)), jnp.var(moved, axis=(0, 1, 2))
+        return jnp.moveaxis(reference_batch_norm(moved, scale, bias, hard_swish), -1, axis), mean, var
+
+    ours = lambda x, scale, bias: batch_norm_train(x, scale, bias, axis, 1e-5, jnp.float64, hard_swish)
+    np.testing.assert_allclose(loss(ours, x, scale, bias), loss(reference, x, scale, bias), rtol=1e-13)
+    got = jax.grad(lambda *a: loss(ours, *a), argnums=(0, 1, 2))(x, scale, bias)
+    want = jax.grad(lambda *a: loss(reference, *a), argnums=(0, 1, 2))(x, scale, bias)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
+    # bfloat16 maps: the output and the input gradient stay bfloat16, the statistics float32.
+    xb = x.astype(jnp.bfloat16)
+    y, mean, var = batch_norm_train(xb, scale, bias, axis, 1e-5, jnp.bfloat16, relu6)
+    assert (y.dtype, mean.dtype, var.dtype) == (jnp.bfloat16, jnp.float32, jnp.float32)
+    gx = jax.grad(lambda x: jnp.sum(batch_norm_train(x, scale, bias, axis, 1e-5, jnp.bfloat16, relu6)[0]))(xb)
+    assert gx.dtype == jnp.bfloat16
 
 
 def test_batch_moments_gradient_and_dtype():
@@ -234,3 +267,19 @@ def test_after_keeps_values_and_recompute_in_backward_keeps_gradients():
         want = jax.grad(loss(fn), (0, 1, 2))(x, w, maybe)
         for g, h in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
             np.testing.assert_allclose(g, h, rtol=1e-13, atol=1e-13)
+
+
+def test_parameters_keep_flax_shape_checks():
+    """Layers check an existing parameter's shape directly (layers/params.py) and raise
+    Flax's own error for a mismatch, as ``Module.param`` would."""
+    from flax.errors import ScopeParamShapeError
+
+    x = jnp.ones((1, 4, 4, 3))
+    layers = [(PointwiseConv(5, use_bias=True), {}), (Conv(5, kernel_size=3), {}), (DepthwiseConv(3), {}),
+              (BatchNorm(), {"use_running_average": True})]
+    for module, kwargs in layers:
+        variables = module.init(jax.random.PRNGKey(0), x, **kwargs)
+        assert module.apply(variables, x, **kwargs).shape[:3] == x.shape[:3]
+        wrong = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape[:-1] + (a.shape[-1] + 1,)), variables["params"])
+        with pytest.raises(ScopeParamShapeError, match="kernel|scale|bias"):
+            module.apply({**variables, "params": wrong}, x, **kwargs)

@@ -71,12 +71,12 @@ class CoordinateAttention(nn.Module):
 
         y = PointwiseConv(mip, use_bias=True, name="reduce", **conv)(y)
         # Statistics over N and all H + W positions jointly, as BatchNorm2d on the
-        # concatenated (N, mip, H + W, 1) tensor of the released code.
+        # concatenated (N, mip, H + W, 1) tensor of the released code; the activation
+        # runs inside it (same values, one op less to store and to trace).
         y = BatchNorm(
             momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype,
-            param_dtype=self.param_dtype, name="bn",
+            param_dtype=self.param_dtype, activation=get_activation(self.activation), name="bn",
         )(y, use_running_average=not train)
-        y = get_activation(self.activation)(y)
 
         if self.directions == "both":
             y_h, y_w = y[:, :height], y[:, height:]

@@ -13,6 +13,7 @@ from flax import linen as nn
 from ca_flax.layers.activations import ActivationLike, get_activation
 from ca_flax.layers.depthwise import DepthwiseConv, DepthwiseImpl, pad_spatial
 from ca_flax.layers.norm import BatchNorm
+from ca_flax.layers.params import shaped_param
 
 # The released code's init: N(0, sqrt(2 / (k * k * out_channels))), i.e. He-normal over
 # fan-out. jax's 'normal' distribution is untruncated, as torch's normal_.
@@ -78,8 +79,8 @@ class PointwiseConv(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features), self.param_dtype)
-        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        kernel = shaped_param(self, "kernel", self.kernel_init, (1, 1, x.shape[-1], self.features), self.param_dtype)
+        bias = shaped_param(self, "bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         y = pointwise_matmul(x, kernel[0, 0])
         return y + bias if bias is not None else y
@@ -171,8 +172,8 @@ class Conv(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.ndim != 4:
             raise ValueError(f"Conv expects NHWC input of rank 4, got shape {x.shape}.")
-        kernel = self.param(
-            "kernel", self.kernel_init, (self.kernel_size, self.kernel_size, x.shape[-1], self.features), self.param_dtype
+        kernel = shaped_param(
+            self, "kernel", self.kernel_init, (self.kernel_size, self.kernel_size, x.shape[-1], self.features), self.param_dtype
         )
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
         return conv2d(x, kernel, self.stride, self.impl)

@@ -30,6 +30,7 @@ import numpy as np
 from flax import linen as nn
 from jax import lax
 
+from ca_flax.layers.params import shaped_param
 from ca_flax.layers.recompute import after
 
 DepthwiseImpl = Literal["auto", "xla", "shift", "shift_vjp"]
@@ -112,9 +113,16 @@ def _shifted_taps(padded: jax.Array, kernel: jax.Array, stride: int, out_h: int,
                 (padded.shape[0], a + stride * (out_h - 1) + 1, b + stride * (out_w - 1) + 1, padded.shape[3]),
                 (1, stride, stride, 1),
             )
-            term = window * kernel[a, b, 0]
-            out = term if out is None else out + term
+            term = lax.mul(window, _tap(kernel, a, b, window))
+            out = term if out is None else lax.add(out, term)
     return out
+
+
+def _tap(kernel: jax.Array, a: int, b: int, like: jax.Array) -> jax.Array:
+    """Kernel tap ``(a, b)`` broadcast over the channels of ``like``, in lax primitives
+    (jnp indexing and operators trace a jitted function per call: hundreds per model)."""
+    taps = lax.slice(kernel, (a, b, 0, 0), (a + 1, b + 1, 1, kernel.shape[3]))
+    return lax.broadcast_in_dim(taps.reshape(kernel.shape[3]), like.shape, (like.ndim - 1,))
 
 
 def depthwise_conv_shift(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
@@ -130,7 +138,7 @@ def _input_grad_stride1(dy: jax.Array, kernel: jax.Array) -> jax.Array:
     kernel flipped in both spatial axes, again as shifted taps."""
     kh, kw = kernel.shape[:2]
     padded = pad_spatial(dy, kh // 2, kh // 2, kw // 2, kw // 2)
-    return _shifted_taps(padded, kernel[::-1, ::-1], 1, dy.shape[1], dy.shape[2])
+    return _shifted_taps(padded, lax.rev(kernel, (0, 1)), 1, dy.shape[1], dy.shape[2])
 
 
 def _input_grad_strided(dy: jax.Array, kernel: jax.Array, stride: int, in_h: int, in_w: int) -> jax.Array:
@@ -155,12 +163,14 @@ def _input_grad_strided(dy: jax.Array, kernel: jax.Array, stride: int, in_h: int
     for r in range(stride):
         row_phases = []
         for s in range(stride):
-            acc = jnp.zeros((n, rows, cols, c), dy.dtype)
+            acc = None
             for a in range(r, kh, stride):
                 for b in range(s, kw, stride):
                     sh, sw = max_shift_h - a // stride, max_shift_w - b // stride
-                    acc = acc + dy_padded[:, sh : sh + rows, sw : sw + cols] * kernel[a, b, 0]
-            row_phases.append(acc)
+                    window = lax.slice(dy_padded, (0, sh, sw, 0), (n, sh + rows, sw + cols, c))
+                    term = lax.mul(window, _tap(kernel, a, b, window))
+                    acc = term if acc is None else lax.add(acc, term)
+            row_phases.append(acc if acc is not None else jnp.zeros((n, rows, cols, c), dy.dtype))
         phases.append(jnp.stack(row_phases, axis=3))  # (n, rows, cols, stride_w, c)
     grid = jnp.stack(phases, axis=2)  # (n, rows, stride_h, cols, stride_w, c)
     full = grid.reshape(n, rows * stride, cols * stride, c)
@@ -276,8 +286,8 @@ class DepthwiseConv(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.ndim != 4:
             raise ValueError(f"DepthwiseConv expects NHWC input of rank 4, got shape {x.shape}.")
-        kernel = self.param(
-            "kernel", self.kernel_init, (self.kernel_size, self.kernel_size, 1, x.shape[-1]), self.param_dtype
+        kernel = shaped_param(
+            self, "kernel", self.kernel_init, (self.kernel_size, self.kernel_size, 1, x.shape[-1]), self.param_dtype
         )
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
         return depthwise_conv(x, kernel, self.stride, self.impl)

@@ -12,49 +12,79 @@ Statistics are reduced in float32 (or wider) whatever the computation dtype, and
 the whole global batch with no ``axis_name`` plumbing.
 
 Memory in training: the backward pass keeps only the layer's input and its per-channel
-statistics. The normalization (and an optional fused ``activation``) is recomputed
-from them in the backward pass (``layers/recompute.py``), and the batch variance has a
-hand-written gradient that needs no centred copy of the input. Plain autodiff would keep
-the centred input, the normalized output and the activation's input: three more
-feature maps per layer, about half of MobileNetV2's training memory.
+statistics. :func:`batch_norm_train` (statistics, normalization and an optional fused
+``activation`` in one op) has a hand-written backward pass that recomputes what it
+needs from them once the output's cotangent arrives (tied to it with
+``layers/recompute.after``), in two passes over the map: the per-channel sums, then the
+input gradient. Plain autodiff would keep the centred input, the normalized output and
+the activation's input: three more feature maps per layer, about half of MobileNetV2's
+training memory. Being one op with its own backward also keeps the traced program
+small, which is most of what a train step costs to compile from the persistent cache.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
+from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
+from ca_flax.layers.params import shaped_param
 from ca_flax.layers.recompute import after, recompute_in_backward
+
+
+# The math below is written in lax primitives: each jnp operator is a small jitted
+# function, and their tracing overhead was a large part of the train step's trace time.
+
+
+def _const(value: float, like: jax.Array) -> np.ndarray:
+    """A scalar in ``like``'s dtype (lax takes no Python scalar against float32 under x64)."""
+    return np.asarray(value, like.dtype)
+
+
+def _per_channel(v: jax.Array, like: jax.Array, axis: int) -> jax.Array:
+    """The per-channel vector ``v`` broadcast to ``like``'s shape along ``axis``."""
+    return lax.broadcast_in_dim(v, like.shape, (axis,))
+
+
+def _moments_math(x, axes):
+    xs = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    (axis,) = (i for i in range(x.ndim) if i not in axes)
+    count = x.size // x.shape[axis]
+    mean = lax.div(lax.reduce_sum(xs, axes), _const(count, xs))
+    centred = lax.sub(xs, _per_channel(mean, xs, axis))
+    var = lax.div(lax.reduce_sum(lax.mul(centred, centred), axes), _const(count, xs))
+    return mean, var
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def batch_moments(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-    """Mean and biased variance over ``axes`` in float32 or wider, the variance in two
-    passes as PyTorch (``E[(x - mean)^2]`` keeps digits that ``E[x^2] - mean^2`` loses).
-    The backward pass keeps ``x`` as given (a bfloat16 map stays bfloat16)."""
-    xs = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    mean = jnp.mean(xs, axis=axes)
-    var = jnp.mean(jnp.square(xs - jnp.expand_dims(mean, axes)), axis=axes)
-    return mean, var
+    """Mean and biased variance over ``axes`` (all axes but one) in float32 or wider, the
+    variance in two passes as PyTorch (``E[(x - mean)^2]`` keeps digits that
+    ``E[x^2] - mean^2`` loses). The backward pass keeps ``x`` as given (a bfloat16 map
+    stays bfloat16)."""
+    return _moments_math(x, axes)
 
 
 def _moments_fwd(x, axes):
-    mean, var = batch_moments(x, axes)
+    mean, var = _moments_math(x, axes)
     return (mean, var), (x, mean)
 
 
 def _moments_bwd(axes, residuals, cotangents):
     x, mean = residuals
-    d_mean, d_var = (jnp.expand_dims(d, axes) for d in cotangents)
+    (axis,) = (i for i in range(x.ndim) if i not in axes)
+    d_mean, d_var = (_per_channel(d, x, axis) for d in cotangents)
     x = after(x, d_var)  # the centred map below waits for the backward pass
     count = x.size // mean.size
     # d var / d x = 2 (x - mean) / count: the path through the mean sums to zero.
-    centred = x.astype(mean.dtype) - jnp.expand_dims(mean, axes)
-    dx = (d_mean + 2.0 * d_var * centred) / count
+    centred = lax.sub(x.astype(mean.dtype), _per_channel(mean, x, axis))
+    dx = lax.div(lax.add(d_mean, lax.mul(lax.mul(d_var, _const(2, d_var)), centred)), _const(count, centred))
     return (dx.astype(x.dtype),)
 
 
@@ -63,17 +93,83 @@ batch_moments.defvjp(_moments_fwd, _moments_bwd)
 
 def _normalize_math(x, mean, var, scale, bias, axis, epsilon, dtype, activation):
     """``activation((x - mean) / sqrt(var + eps) * scale + bias)``."""
-    shape = [1] * x.ndim
-    shape[axis] = x.shape[axis]
     stat_dtype = mean.dtype
-    mul = (jax.lax.rsqrt(var + epsilon) * scale.astype(stat_dtype)).reshape(shape)
-    y = (x.astype(stat_dtype) - mean.reshape(shape)) * mul + bias.astype(stat_dtype).reshape(shape)
+    mul = lax.mul(lax.rsqrt(lax.add(var, _const(epsilon, var))), scale.astype(stat_dtype))
+    centred = lax.sub(x.astype(stat_dtype), _per_channel(mean, x, axis))
+    y = lax.add(lax.mul(centred, _per_channel(mul, x, axis)), _per_channel(bias.astype(stat_dtype), x, axis))
     y = y.astype(dtype)
     return activation(y) if activation is not None else y
 
 
 # Under autodiff the intermediates are recomputed in the backward pass, not stored.
 _normalize = recompute_in_backward(_normalize_math, static_argnums=(5, 6, 7, 8))
+
+
+def _reduce_axes(x: jax.Array, axis: int) -> tuple[int, ...]:
+    return tuple(i for i in range(x.ndim) if i != axis)
+
+
+def _bn_train_math(x, scale, bias, axis, epsilon, dtype, activation):
+    mean, var = _moments_math(x, _reduce_axes(x, axis))
+    return _normalize_math(x, mean, var, scale, bias, axis, epsilon, dtype, activation), mean, var
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def batch_norm_train(
+    x: jax.Array, scale: jax.Array, bias: jax.Array, axis: int, epsilon: float, dtype: Any,
+    activation: Callable[[jax.Array], jax.Array] | None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """BatchNorm with batch statistics: ``(activation(normalized x), mean, var)``.
+
+    Mean and biased variance over every axis but ``axis`` (non-negative), in float32 or
+    wider and in two passes, as :func:`batch_moments`; the output is ``dtype``. The
+    backward pass keeps only ``x``, the statistics and the parameters (see the module
+    docstring); cotangents of ``mean`` and ``var`` are honoured, and skipped when absent.
+    """
+    return _bn_train_math(x, scale, bias, axis, epsilon, dtype, activation)
+
+
+def _bn_train_fwd(x, scale, bias, axis, epsilon, dtype, activation):
+    x, scale, bias = x.value, scale.value, bias.value  # symbolic_zeros=True wraps the primals
+    out = _bn_train_math(x, scale, bias, axis, epsilon, dtype, activation)
+    return out, (x, out[1], out[2], scale, bias)
+
+
+def _bn_train_bwd(axis, epsilon, dtype, activation, residuals, cotangents):
+    x, mean, var, scale, bias = residuals
+    dy, d_mean, d_var = cotangents
+    reduce_axes = _reduce_axes(x, axis)
+    stat_dtype, count = mean.dtype, _const(x.size // mean.size, mean)
+    if isinstance(dy, SymbolicZero):
+        dy = jnp.zeros(x.shape, dtype)
+    x = after(x, dy)  # nothing below may start before the backward pass reaches this layer
+    rstd = lax.rsqrt(lax.add(var, _const(epsilon, var)))
+    mul = _per_channel(lax.mul(rstd, scale.astype(stat_dtype)), x, axis)
+    centred = lax.sub(x.astype(stat_dtype), _per_channel(mean, x, axis))
+    if activation is None:
+        g = dy.astype(stat_dtype)
+    else:  # the activation's gradient at its input, recomputed exactly as the forward pass
+        pre = lax.add(lax.mul(centred, mul), _per_channel(bias.astype(stat_dtype), x, axis))
+        g = jax.vjp(lambda p: activation(p.astype(dtype)), pre)[1](dy)[0]
+    sum_g, sum_g_centred = lax.reduce_sum(g, reduce_axes), lax.reduce_sum(lax.mul(g, centred), reduce_axes)
+    # d/dx of (x - mean) * rstd through x, mean and var (the var path is the rstd**2 term).
+    var_term = _per_channel(lax.div(lax.mul(lax.mul(rstd, rstd), sum_g_centred), count), x, axis)
+    correction = lax.add(_per_channel(lax.div(sum_g, count), x, axis), lax.mul(centred, var_term))
+    dx = lax.mul(lax.sub(g, correction), mul)
+    if not isinstance(d_mean, SymbolicZero):
+        dx = lax.add(dx, _per_channel(lax.div(d_mean, count), x, axis))
+    if not isinstance(d_var, SymbolicZero):
+        dx = lax.add(dx, lax.mul(centred, _per_channel(lax.div(lax.mul(d_var, _const(2, d_var)), count), x, axis)))
+    d_scale = lax.mul(sum_g_centred, rstd).astype(scale.dtype)
+    return dx.astype(x.dtype), d_scale, sum_g.astype(bias.dtype)
+
+
+batch_norm_train.defvjp(_bn_train_fwd, _bn_train_bwd, symbolic_zeros=True)
+
+
+def _running_average(average: jax.Array, value: jax.Array, momentum: float) -> jax.Array:
+    return lax.add(lax.mul(average, _const(momentum, average)),
+                   lax.mul(value.astype(average.dtype), _const(1 - momentum, average)))
 
 
 class BatchNorm(nn.Module):
@@ -105,23 +201,21 @@ class BatchNorm(nn.Module):
         """Normalizes ``x`` with batch statistics (training) or the running ones."""
         axis = self.axis % x.ndim
         features = x.shape[axis]
-        reduce_axes: Sequence[int] = tuple(i for i in range(x.ndim) if i != axis)
         stat_dtype = jnp.promote_types(x.dtype, jnp.float32)
 
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
-        scale = self.param("scale", self.scale_init, (features,), self.param_dtype)
-        bias = self.param("bias", self.bias_init, (features,), self.param_dtype)
+        scale = shaped_param(self, "scale", self.scale_init, (features,), self.param_dtype)
+        bias = shaped_param(self, "bias", self.bias_init, (features,), self.param_dtype)
 
+        dtype = jnp.dtype(self.dtype or x.dtype)
         if use_running_average:
             mean, var = ra_mean.value.astype(stat_dtype), ra_var.value.astype(stat_dtype)
-        else:
-            mean, var = batch_moments(x, reduce_axes)
-            if not self.is_initializing():
-                count = x.size // features
-                running_var = var * (count / max(count - 1, 1)) if self.unbiased_running_var else var
-                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean.astype(ra_mean.value.dtype)
-                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * running_var.astype(ra_var.value.dtype)
-
-        dtype = self.dtype or x.dtype
-        return _normalize(x, mean, var, scale, bias, axis, self.epsilon, jnp.dtype(dtype), self.activation)
+            return _normalize(x, mean, var, scale, bias, axis, self.epsilon, dtype, self.activation)
+        y, mean, var = batch_norm_train(x, scale, bias, axis, self.epsilon, dtype, self.activation)
+        if not self.is_initializing():
+            count = x.size // features
+            running_var = lax.mul(var, _const(count / max(count - 1, 1), var)) if self.unbiased_running_var else var
+            ra_mean.value = _running_average(ra_mean.value, mean, self.momentum)
+            ra_var.value = _running_average(ra_var.value, running_var, self.momentum)
+        return y

@@ -17,6 +17,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import numpy as np
+from jax import lax
 
 
 def after(x: jax.Array, cotangent: jax.Array) -> jax.Array:
@@ -33,8 +35,11 @@ def after(x: jax.Array, cotangent: jax.Array) -> jax.Array:
     anyway.
     """
     if cotangent.ndim >= 2:
-        cotangent = cotangent[(slice(None),) + (slice(0, 1),) * (cotangent.ndim - 2) + (slice(None),)]
-    return x + (cotangent * 0).astype(x.dtype)
+        corner = (cotangent.shape[0],) + (1,) * (cotangent.ndim - 2) + (cotangent.shape[-1],)
+        cotangent = lax.slice(cotangent, (0,) * cotangent.ndim, corner)
+    # lax primitives, not jnp operators: this runs for every layer of a traced step.
+    zero = lax.mul(cotangent, np.zeros((), cotangent.dtype)).astype(x.dtype)
+    return lax.add(x, lax.broadcast_in_dim(zero, x.shape, tuple(range(x.ndim - zero.ndim, x.ndim))))
 
 
 def recompute_in_backward(fn: Callable[..., Any], static_argnums: tuple[int, ...] = ()) -> Callable[..., Any]:

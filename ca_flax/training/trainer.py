@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import signal
 import time
@@ -348,9 +349,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
 def _compile(jitted: Any, *args: Any) -> tuple[Any, float]:
     """Ahead-of-time compiles ``jitted`` for ``args``; returns it and the seconds taken
-    (a hit in the persistent compilation cache makes this fast)."""
+    (a hit in the persistent compilation cache makes this fast).
+
+    Python's cyclic garbage collector is paused meanwhile: tracing a train step makes
+    millions of short-lived objects, and the collections they trigger took a fifth of
+    MobileNetV2+CA's trace time (1.7 -> 1.3 s)."""
     start = time.perf_counter()
-    compiled = jitted.lower(*args).compile()
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        compiled = jitted.lower(*args).compile()
+    finally:
+        if collecting:
+            gc.enable()
     return compiled, time.perf_counter() - start
 
 
