@@ -127,6 +127,8 @@ def test_batch_moments_gradient_and_dtype():
     mb, vb = batch_moments(xb, (0, 1, 2))
     assert mb.dtype == vb.dtype == jnp.float32
     assert jax.grad(lambda x: jnp.sum(batch_moments(x, (0, 1, 2))[1]))(xb).dtype == jnp.bfloat16
+    with pytest.raises(ValueError, match="every axis but the channel axis"):
+        batch_moments(x, (0, 1))
 
 
 def test_batch_norm_running_statistics_unchanged_by_the_fused_path():

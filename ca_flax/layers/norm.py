@@ -52,9 +52,17 @@ def _per_channel(v: jax.Array, like: jax.Array, axis: int) -> jax.Array:
     return lax.broadcast_in_dim(v, like.shape, (axis,))
 
 
+def _channel_axis(x: jax.Array, axes: tuple[int, ...]) -> int:
+    kept = [i for i in range(x.ndim) if i not in axes]
+    if len(kept) != 1:
+        raise ValueError(f"batch_moments reduces every axis but the channel axis: axes {axes} of a rank-{x.ndim} "
+                         f"input leave {len(kept)}; pass the {x.ndim - 1} non-channel axes.")
+    return kept[0]
+
+
 def _moments_math(x, axes):
     xs = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    (axis,) = (i for i in range(x.ndim) if i not in axes)
+    axis = _channel_axis(x, axes)
     count = x.size // x.shape[axis]
     mean = lax.div(lax.reduce_sum(xs, axes), _const(count, xs))
     centred = lax.sub(xs, _per_channel(mean, xs, axis))
@@ -78,7 +86,7 @@ def _moments_fwd(x, axes):
 
 def _moments_bwd(axes, residuals, cotangents):
     x, mean = residuals
-    (axis,) = (i for i in range(x.ndim) if i not in axes)
+    axis = _channel_axis(x, axes)
     d_mean, d_var = (_per_channel(d, x, axis) for d in cotangents)
     x = after(x, d_var)  # the centred map below waits for the backward pass
     count = x.size // mean.size
