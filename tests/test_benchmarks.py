@@ -1,0 +1,66 @@
+"""The side-by-side benchmark's bookkeeping (no timing is asserted anywhere)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "compare_pytorch.py"
+
+
+@pytest.fixture(scope="module")
+def compare():
+    spec = importlib.util.spec_from_file_location("compare_pytorch", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _args(**overrides) -> argparse.Namespace:
+    defaults = dict(device="cpu", only="", torch_compile_train=False)
+    return argparse.Namespace(**{**defaults, **overrides})
+
+
+def test_ratio_table_compares_with_the_best_pytorch_and_lists_failures(compare):
+    results = {
+        "torch_infer_channels_last": {"images_per_sec": 50.0, "compile_s": None, "peak_rss_mib": 700},
+        "torch_infer_compile": {"images_per_sec": 100.0, "compile_s": 5.0, "peak_rss_mib": 700},
+        "torch_train_channels_last": {"images_per_sec": 10.0, "compile_s": None, "peak_rss_mib": 3000,
+                                      "peak_device_mib": 1200.0},
+        "flax_infer": {"images_per_sec": 150.0, "compile_s": 2.0, "peak_rss_mib": 800},
+        "flax_train_step": {"error": "flax_train_step failed (exit 1):\nboom"},
+    }
+    table = compare._ratio_table(results, madds=300_000_000, peak_tflops=1.0)
+    assert "device MiB" in table[0] and "of peak" in table[0]
+    flax_row = next(row for row in table if row.startswith("flax_infer"))
+    assert "1.50x torch_infer_compile" in flax_row
+    assert "9.00%" in flax_row  # 2 * 3e8 * 150 / 1e12
+    train_row = next(row for row in table if row.startswith("torch_train_channels_last"))
+    assert "1200" in train_row and "1.80%" in train_row  # x3 for a training step
+    assert any(row.startswith("flax_train_step") and "failed: flax_train_step failed (exit 1)" in row for row in table)
+
+
+def test_measurements_follow_only_and_reject_bad_orders(compare):
+    parser = argparse.ArgumentParser()
+    assert compare._measurements(_args(only="flax_infer,torch_infer_nchw"), parser) == ["flax_infer", "torch_infer_nchw"]
+    gpu = compare._measurements(_args(device="gpu"), parser)
+    assert "flax_trainer" not in gpu and gpu[-2:] == ["flax_infer", "flax_train_step"]
+    for only in ("flax_trainer_cached", "flax_trainer_cached,flax_trainer", "bogus"):
+        with pytest.raises(SystemExit):
+            compare._measurements(_args(only=only), parser)
+    with pytest.raises(SystemExit):  # the trainer does not run on the GPU path
+        compare._measurements(_args(device="gpu", only="flax_trainer"), parser)
+
+
+def test_a_measurement_past_its_timeout_is_killed_and_reported(compare):
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    status, peak_mib, timed_out = compare._wait_with_peak(proc, timeout=0.5)
+    assert timed_out and status != 0 and peak_mib > 0
+    quick = subprocess.Popen([sys.executable, "-c", "pass"])
+    status, _, timed_out = compare._wait_with_peak(quick, timeout=30)
+    assert (status, timed_out) == (0, False)
