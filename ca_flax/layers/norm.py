@@ -99,13 +99,22 @@ def _moments_bwd(axes, residuals, cotangents):
 batch_moments.defvjp(_moments_fwd, _moments_bwd)
 
 
+def _affine(x, mean, var, scale, bias, axis, epsilon):
+    """``(x - mean) * (rsqrt(var + eps) * scale) + bias`` in the statistics' dtype, with
+    the parts the backward pass reuses: ``(pre_activation, centred, mul, rstd)``. One
+    expression for both passes, so the activation's gradient is taken at exactly the
+    forward pass's values (ReLU6's kinks included)."""
+    stat_dtype = mean.dtype
+    rstd = lax.rsqrt(lax.add(var, _const(epsilon, var)))
+    mul = _per_channel(lax.mul(rstd, scale.astype(stat_dtype)), x, axis)
+    centred = lax.sub(x.astype(stat_dtype), _per_channel(mean, x, axis))
+    pre = lax.add(lax.mul(centred, mul), _per_channel(bias.astype(stat_dtype), x, axis))
+    return pre, centred, mul, rstd
+
+
 def _normalize_math(x, mean, var, scale, bias, axis, epsilon, dtype, activation):
     """``activation((x - mean) / sqrt(var + eps) * scale + bias)``."""
-    stat_dtype = mean.dtype
-    mul = lax.mul(lax.rsqrt(lax.add(var, _const(epsilon, var))), scale.astype(stat_dtype))
-    centred = lax.sub(x.astype(stat_dtype), _per_channel(mean, x, axis))
-    y = lax.add(lax.mul(centred, _per_channel(mul, x, axis)), _per_channel(bias.astype(stat_dtype), x, axis))
-    y = y.astype(dtype)
+    y = _affine(x, mean, var, scale, bias, axis, epsilon)[0].astype(dtype)
     return activation(y) if activation is not None else y
 
 
@@ -151,13 +160,10 @@ def _bn_train_bwd(axis, epsilon, dtype, activation, residuals, cotangents):
     if isinstance(dy, SymbolicZero):
         dy = jnp.zeros(x.shape, dtype)
     x = after(x, dy)  # nothing below may start before the backward pass reaches this layer
-    rstd = lax.rsqrt(lax.add(var, _const(epsilon, var)))
-    mul = _per_channel(lax.mul(rstd, scale.astype(stat_dtype)), x, axis)
-    centred = lax.sub(x.astype(stat_dtype), _per_channel(mean, x, axis))
+    pre, centred, mul, rstd = _affine(x, mean, var, scale, bias, axis, epsilon)
     if activation is None:
         g = dy.astype(stat_dtype)
-    else:  # the activation's gradient at its input, recomputed exactly as the forward pass
-        pre = lax.add(lax.mul(centred, mul), _per_channel(bias.astype(stat_dtype), x, axis))
+    else:  # the activation's gradient at its input, as the forward pass computed it
         g = jax.vjp(lambda p: activation(p.astype(dtype)), pre)[1](dy)[0]
     sum_g, sum_g_centred = lax.reduce_sum(g, reduce_axes), lax.reduce_sum(lax.mul(g, centred), reduce_axes)
     # d/dx of (x - mean) * rstd through x, mean and var (the var path is the rstd**2 term).
