@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
+import os
 import sys
 from typing import Any
 
@@ -19,6 +21,7 @@ import jax
 
 from ca_flax import data
 from ca_flax.checkpoints import CheckpointError, read_metadata, restore
+from ca_flax.inference import predict_fn, use_cpu_device_per_core
 from ca_flax.training import parallel
 from ca_flax.training.state import TrainState
 from ca_flax.training.steps import eval_step
@@ -54,7 +57,7 @@ def evaluate_checkpoint(
                    batch_stats=variables.get("batch_stats", {}), tx=None, opt_state=None, rng=None),
         parallel.replicated(mesh),
     )
-    eval_fn = jax.jit(functools.partial(eval_step, num_classes=info.num_classes))
+    eval_fn = jax.jit(functools.partial(eval_step, num_classes=info.num_classes, predict=predict_fn(model, mesh=mesh)))
     batches = data.eval_batches(
         dataset, data_dir=data_dir, image_size=image_size, global_batch_size=batch_size,
         process_index=jax.process_index(), process_count=jax.process_count(),
@@ -72,6 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--which", choices=["latest", "best"], default="latest", help="which workdir checkpoint")
     args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch_size must be positive, got {args.batch_size}.")
+    # One CPU device per core (a divisor of the batch, so any batch size still splits
+    # evenly): each core evaluates its own rows (ca_flax.inference). GPUs and TPUs are unaffected.
+    try:
+        use_cpu_device_per_core(math.gcd(len(os.sched_getaffinity(0)), args.batch_size))
+    except RuntimeError:  # main() called after JAX started: keep the devices it has
+        pass
     try:
         result = evaluate_checkpoint(
             args.checkpoint, dataset=args.dataset, data_dir=args.data_dir, image_size=args.image_size,

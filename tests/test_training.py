@@ -105,6 +105,10 @@ def test_eval_step_counts_only_unmasked_examples():
     batch = {"image": jnp.zeros((3, 1)), "label": jnp.array([0, 0, 1]), "mask": jnp.array([True, True, False])}
     sums = eval_step(Fixed(logits), batch, num_classes=2)
     assert float(sums["count"]) == 2 and float(sums["top1_sum"]) == 1 and float(sums["top5_sum"]) == 2
+    # A predict function (the trainer passes ca_flax.inference.predict_fn) replaces apply_fn.
+    doubled = eval_step(Fixed(logits), batch, num_classes=2, predict=lambda variables, images: 2 * logits)
+    assert float(doubled["count"]) == 2 and float(doubled["top1_sum"]) == 1
+    assert float(doubled["loss_sum"]) != float(sums["loss_sum"])
 
 
 def test_batch_divisibility_and_distributed_flag_errors(monkeypatch):

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ca_flax.inference import PredictFn
 from ca_flax.training.state import TrainState
 
 
@@ -47,9 +48,18 @@ def train_step(
     return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: dict[str, jax.Array], *, num_classes: int) -> dict[str, jax.Array]:
-    """Sums over the unmasked examples of one batch: loss, top-1, top-5 and count."""
-    logits = state.apply_fn(state.variables(), batch["image"], train=False)
+def eval_step(
+    state: TrainState, batch: dict[str, jax.Array], *, num_classes: int, predict: PredictFn | None = None
+) -> dict[str, jax.Array]:
+    """Sums over the unmasked examples of one batch: loss, top-1, top-5 and count.
+
+    ``predict(variables, images)`` computes the logits (``ca_flax.inference.predict_fn``:
+    sharded, in micro-batches); ``None`` is one ``state.apply_fn`` call in eval mode.
+    """
+    if predict is None:
+        logits = state.apply_fn(state.variables(), batch["image"], train=False)
+    else:
+        logits = predict(state.variables(), batch["image"])
     mask = batch["mask"].astype(jnp.float32)
     losses = cross_entropy(logits, batch["label"], num_classes, 0.0)
     return {

@@ -27,6 +27,7 @@ import numpy as np
 
 from ca_flax import data
 from ca_flax.data import synthetic
+from ca_flax.inference import predict_fn
 from ca_flax.checkpoints import FORMAT, METADATA_FILE, VERSION, model_config, read_metadata, restore
 from ca_flax.models import create_model
 from ca_flax.training import parallel
@@ -239,7 +240,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         donate_argnums=(0,),
     )
     eval_fn = jax.jit(
-        functools.partial(eval_step, num_classes=info.num_classes),
+        functools.partial(eval_step, num_classes=info.num_classes, predict=predict_fn(model, mesh=mesh)),
         in_shardings=(replicated, batch_sharding),
         out_shardings=replicated,
     )
