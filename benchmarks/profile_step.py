@@ -8,8 +8,8 @@ with ``xla_cpu_enable_xprof_traceme``), and sums kernel time by the layer each k
 came from: the HLO metadata of every fused kernel names the Flax module path and
 whether it belongs to the forward pass or to the transpose (backward) pass. Kernel time
 is summed over threads, so the total can exceed the step's wall time on several cores.
-Run it under the same allocator setting as training (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``,
-see ``ca_flax/host_memory.py``) to profile what ``train.py`` runs.
+It runs under the process's allocator setting; ``train.py`` uses glibc's default ``malloc``
+(``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` profiles the huge-page variant the README compares).
 """
 
 from __future__ import annotations

@@ -90,15 +90,17 @@ def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
 
 
 def _in_micro_batches(apply: Callable[[Variables, jax.Array], Any], micro_batch: int | None):
-    """``apply`` over the leading axis ``micro_batch`` rows at a time, sequentially."""
+    """``apply`` over the leading axis ``micro_batch`` rows at a time, sequentially (the
+    rows zero-padded to a multiple of ``micro_batch``, the padding's outputs dropped)."""
 
     def run(variables, images):
-        if micro_batch is None or images.shape[0] <= micro_batch:
+        rows = images.shape[0]
+        if micro_batch is None or rows <= micro_batch:
             return apply(variables, images)
-        count = images.shape[0] // micro_batch  # the caller padded to a multiple
-        chunks = images.reshape(count, micro_batch, *images.shape[1:])
+        count = -(-rows // micro_batch)
+        chunks = _pad_rows(images, count * micro_batch).reshape(count, micro_batch, *images.shape[1:])
         out = lax.map(lambda chunk: apply(variables, chunk), chunks)
-        return jax.tree_util.tree_map(lambda y: y.reshape(count * micro_batch, *y.shape[2:]), out)
+        return jax.tree_util.tree_map(lambda y: y.reshape(count * micro_batch, *y.shape[2:])[:rows], out)
 
     return run
 
@@ -110,9 +112,10 @@ def predict_fn(
 
     The batch is split over ``mesh``'s ``data`` axis (default: every device, as the
     trainer's mesh) and each device runs its rows ``micro_batch`` at a time. Any batch
-    size works: the rows are zero-padded to a multiple of ``devices * micro_batch`` and
-    the padding's outputs dropped. ``variables`` are used replicated. Call it inside your
-    own ``jax.jit`` (as the trainer's evaluation does) or use :func:`make_predictor`.
+    size works: rows are zero-padded (to a multiple of the device count, then on each
+    device to a multiple of ``micro_batch``) and the padding's outputs dropped.
+    ``variables`` are used replicated. Call it inside your own ``jax.jit`` (as the
+    trainer's evaluation does) or use :func:`make_predictor`.
 
     Args:
       model: a Flax module whose ``__call__`` takes ``train``.
@@ -135,10 +138,9 @@ def predict_fn(
         if images.ndim < 1 or images.shape[0] == 0:
             raise ValueError(f"predict needs a non-empty batch of images along axis 0; got shape {images.shape}.")
         rows = images.shape[0]
-        per_device = -(-rows // devices)
-        if micro_batch is not None and per_device > micro_batch:
-            per_device = -(-per_device // micro_batch) * micro_batch
-        out = sharded(variables, _pad_rows(images, per_device * devices))
+        if rows % devices == 0:  # each device pads its own rows: nothing moves between devices
+            return sharded(variables, images)
+        out = sharded(variables, _pad_rows(images, -(-rows // devices) * devices))
         return jax.tree_util.tree_map(lambda y: y[:rows], out)
 
     return predict

@@ -32,17 +32,20 @@ def test_ratio_table_compares_with_the_best_pytorch_and_lists_failures(compare):
         "torch_infer_compile": {"images_per_sec": 100.0, "compile_s": 5.0, "peak_rss_mib": 700},
         "torch_train_channels_last": {"images_per_sec": 10.0, "compile_s": None, "peak_rss_mib": 3000,
                                       "peak_device_mib": 1200.0},
+        "flax_infer_jit": {"images_per_sec": 95.0, "compile_s": 2.0, "peak_rss_mib": 800, "peak_device_mib": 4000.0,
+                           "executable_device_mib": 1300.0},
         "flax_infer": {"images_per_sec": 150.0, "compile_s": 2.0, "peak_rss_mib": 800},
         "flax_train_step": {"error": "flax_train_step failed (exit 1):\nboom"},
         "torch_infer_compile_microbatch": {"images_per_sec": 120.0, "compile_s": 5.0, "peak_rss_mib": 500},
     }
     table = compare._ratio_table(results, madds=300_000_000, peak_tflops=1.0)
     assert "device MiB" in table[0] and "of peak" in table[0]
-    flax_row = next(row for row in table if row.startswith("flax_infer"))
+    flax_row = next(row for row in table if row.startswith("flax_infer "))
     assert "1.50x torch_infer_compile" in flax_row
     assert "9.00%" in flax_row  # 2 * 3e8 * 150 / 1e12
     # The micro-batched torch.compile is not a reference configuration: its own line.
     assert "flax_infer against torch_infer_compile_microbatch: 1.25x" in table
+    assert any(row.startswith("flax_infer_jit: its executable needs 1300 of the 4000 device MiB") for row in table)
     train_row = next(row for row in table if row.startswith("torch_train_channels_last"))
     assert "1200" in train_row and "1.80%" in train_row  # x3 for a training step
     assert any(row.startswith("flax_train_step") and "failed: flax_train_step failed (exit 1)" in row for row in table)

@@ -102,11 +102,13 @@ def test_one_cpu_device_per_core_then_sharded_prediction_matches():
         from ca_flax.models import create_model
         model = create_model("mobilenetv2_ca", **{TINY!r})
         v = numpy_variables(model, (1, 32, 32, 3))
-        x = jax.random.normal(jax.random.PRNGKey(1), (7, 32, 32, 3))
         assert jax.device_count() == 4, jax.devices()
-        got = make_predictor(model, micro_batch=1)(v, x)
-        expected = jax.jit(lambda v, x: model.apply(v, x, train=False))(v, x)
-        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+        reference = jax.jit(lambda v, x: model.apply(v, x, train=False))
+        # 7 rows: padded to 8 over the devices; 12 rows: 3 per device, padded on each to 4.
+        for rows, micro_batch in ((7, 1), (12, 2)):
+            x = jax.random.normal(jax.random.PRNGKey(rows), (rows, 32, 32, 3))
+            got = make_predictor(model, micro_batch=micro_batch)(v, x)
+            np.testing.assert_allclose(got, reference(v, x), rtol=1e-5, atol=1e-5)
         print("ok")
     """, env={"XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
     assert out.strip() == "ok"
