@@ -14,8 +14,8 @@ accelerators the whole per-device batch is one call (``micro_batch=None``).
 With one CPU device per core (:func:`use_cpu_device_per_core`, before JAX starts), each
 core runs its own images without waiting for the other between kernels. Measured on
 this project's 2-core CPU (MobileNetV2+CA, batch 32, 224x224, float32), images/s:
-``jax.jit(model.apply)`` about 92, micro-batches of 4 on one device about 120-128, two
-devices with micro-batches of 2 about 150-165 (README, Performance).
+``jax.jit(model.apply)`` 88-99, micro-batches of 4 on one device 108-128, two devices
+with micro-batches of 2 150-166 (README, Performance). Larger machines are unmeasured.
 """
 
 from __future__ import annotations
