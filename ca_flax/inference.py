@@ -6,10 +6,11 @@
 Each device runs its share of the batch as a sequence of ``micro_batch``-image calls of
 the model (``lax.map`` inside one compiled program). Eval-mode BatchNorm uses the running
 statistics, so the images are independent and the result is the same as one call on
-the whole batch. On CPU this is much faster: XLA:CPU ``malloc``\\ s a fresh temporary
-buffer on every call, sized by the batch, and pays a page fault for every 4 KiB of it,
-and a 2-image batch's feature maps stay in cache from one layer to the next. On
-accelerators the whole per-device batch is one call (``micro_batch=None``).
+the whole batch. On CPU this is much faster: XLA:CPU allocates a fresh temporary buffer
+on every call, sized by the batch, and pays a page fault for every 4 KiB of it, while a
+2-image batch's buffer is small and reused, and its feature maps stay in cache from one
+layer to the next. On accelerators the whole per-device batch is one call
+(``micro_batch=None``).
 
 With one CPU device per core (:func:`use_cpu_device_per_core`, before JAX starts), each
 core runs its own images without waiting for the other between kernels. Measured on
@@ -89,7 +90,7 @@ def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
     return lax.pad(x, np.zeros((), x.dtype), [(0, rows - x.shape[0], 0)] + [(0, 0, 0)] * (x.ndim - 1))
 
 
-def _in_micro_batches(apply: Callable[[Variables, jax.Array], Any], micro_batch: int | None):
+def _in_micro_batches(apply: PredictFn, micro_batch: int | None) -> PredictFn:
     """``apply`` over the leading axis ``micro_batch`` rows at a time, sequentially (the
     rows zero-padded to a multiple of ``micro_batch``, the padding's outputs dropped)."""
 
