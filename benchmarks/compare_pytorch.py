@@ -27,8 +27,9 @@ Measurements:
 - ``flax_infer``: ``ca_flax.inference.make_predictor`` (eval mode, batch sharded over the
   devices, micro-batches per backend); on CPU with one JAX device per core
   (``use_cpu_device_per_core``). ``flax_infer_jit``: a plain ``jax.jit(model.apply)``.
-- ``flax_train_step``: the trainer's jitted train step (same config, optimizer, state) in
-  a bare loop; ``flax_trainer`` over it is what the training loop costs.
+- ``flax_train_step``: the trainer's jitted train step (same config, optimizer, state and
+  steps per compiled call: 8 on CPU) in a bare loop; ``flax_trainer`` over it is what the
+  training loop costs.
 - ``flax_trainer``: the real trainer, ``train.py --config=configs/fake_data_benchmark.py``
   (data, step, metrics, checkpoint), in an empty workdir with an empty compilation cache;
   images/s from its ``metrics.jsonl`` (steady state), compile from its
@@ -236,8 +237,8 @@ def flax_infer_worker(
 
 
 def flax_train_step_worker(batch: int, size: int, steps: int, dtype: str, depthwise_impl: str) -> dict:
-    """The trainer's own jitted step (same config, optimizer and state) in a bare loop:
-    what ``flax_trainer`` would reach if the loop around the step cost nothing."""
+    """The trainer's own jitted step (same config, optimizer, state and steps per call) in a
+    bare loop: what ``flax_trainer`` would reach if the loop around the step cost nothing."""
     import functools
 
     import jax
@@ -247,13 +248,14 @@ def flax_train_step_worker(batch: int, size: int, steps: int, dtype: str, depthw
     from ca_flax.data import synthetic
     from ca_flax.training.optim import create_optimizer, learning_rate_schedule
     from ca_flax.training.state import create_train_state
-    from ca_flax.training.steps import train_step
-    from ca_flax.training.trainer import build_model
+    from ca_flax.training.steps import train_steps
+    from ca_flax.training.trainer import build_model, steps_per_call
     from configs import fake_data_benchmark
 
     config = fake_data_benchmark.get_config()
     config.batch_size, config.image_size, config.dtype = batch, size, dtype
     config.model_overrides.depthwise_impl = depthwise_impl
+    per_call = steps_per_call(config, config.num_train_steps)
     model = build_model(config, synthetic.NUM_CLASSES)
     shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
                             jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
@@ -263,31 +265,35 @@ def flax_train_step_worker(batch: int, size: int, steps: int, dtype: str, depthw
     tx = create_optimizer(config, learning_rate_schedule(config, 1000, 1000))
     state = create_train_state(model, variables, tx, jax.random.PRNGKey(1))
     data = next(synthetic.batches(image_size=size, global_batch_size=batch, seed=0))
-    data = {k: jnp.asarray(v) for k, v in data.items()}
-    step_fn = jax.jit(functools.partial(train_step, num_classes=synthetic.NUM_CLASSES), donate_argnums=(0,))
+    data = {k: jnp.asarray(np.stack([v] * per_call)) for k, v in data.items()}
+    step_fn = jax.jit(functools.partial(train_steps, num_classes=synthetic.NUM_CLASSES), donate_argnums=(0,))
     start = time.perf_counter()
     compiled = step_fn.lower(state, data).compile()
     compile_s = time.perf_counter() - start
     box = [state]
 
-    def step():
+    def call():
         box[0], metrics = compiled(box[0], data)
         return metrics["loss"]
 
-    _, per_step = _timed_loop(step, steps, jax.block_until_ready)
-    return _jax_device_peak({"images_per_sec": batch / per_step, "compile_s": compile_s}, compiled)
+    calls = max(1, -(-steps // per_call))
+    _, per_call_s = _timed_loop(call, calls, jax.block_until_ready)
+    return _jax_device_peak({"images_per_sec": batch * per_call / per_call_s, "compile_s": compile_s,
+                             "steps_per_call": per_call}, compiled)
 
 
 def flax_trainer_run(
     batch: int, size: int, steps: int, workdir: Path, cache: Path, env: dict[str, str]
 ) -> tuple[subprocess.Popen, Path]:
     """Starts train.py on the benchmark config; the caller waits (for peak memory)."""
+    total = 8 + 8 * -(-steps // 8)
     command = [
         sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs" / "fake_data_benchmark.py"),
         "--workdir", str(workdir), "--compilation_cache_dir", str(cache),
         f"--config.batch_size={batch}", f"--config.eval_batch_size={batch}", f"--config.image_size={size}",
-        # Two warm-up steps (compile, then one more) before the measured ones.
-        f"--config.num_train_steps={steps + 2}", f"--config.log_every_steps={steps + 2}",
+        # One warm-up call of 8 steps (compile and run; the trainer calls 8 steps at a time
+        # on CPU), then at least --steps measured ones, all logged at the end.
+        f"--config.num_train_steps={total}", f"--config.log_every_steps={total}",
     ]
     log = workdir.with_suffix(".log")
     proc = subprocess.Popen(command, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)

@@ -51,6 +51,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.log_every_steps = 50
     config.eval_every_steps = 200
     config.checkpoint_every_steps = 200
+    # Train steps per compiled call (a lax.scan; logs, evaluations and checkpoints fall
+    # between calls, so it must divide their cadences and the step count). 0: the largest
+    # such count up to 8 on CPU (faster there), 1 on accelerators.
+    config.steps_per_call = 0
     config.keep_checkpoints = 2
     config.async_checkpoints = True
     config.init_from = ""  # a ca-flax checkpoint (e.g. converted PyTorch weights) or a training workdir

@@ -111,6 +111,21 @@ def test_eval_step_counts_only_unmasked_examples():
     assert float(doubled["loss_sum"]) != float(sums["loss_sum"])
 
 
+def test_steps_per_call_divides_every_cadence_the_step_count_and_the_resumed_step():
+    from ca_flax.training.trainer import steps_per_call
+
+    config = _config(log_every_steps=8, eval_every_steps=16, checkpoint_every_steps=8)
+    assert steps_per_call(config, 64, backend="cpu") == 8
+    assert steps_per_call(config, 60, backend="cpu") == 4  # 60 steps in all
+    assert steps_per_call(config, 64, start_step=6, backend="cpu") == 2  # resumed from step 6
+    assert steps_per_call(config, 64, backend="gpu") == 1 and steps_per_call(config, 64, backend="tpu") == 1
+    config.steps_per_call = 4
+    assert steps_per_call(config, 64, backend="gpu") == 4  # an explicit count holds on any backend
+    config.steps_per_call = 16
+    with pytest.raises(ValueError, match=r"must divide log_every_steps \(8\), checkpoint_every_steps \(8\);"):
+        steps_per_call(config, 64, backend="cpu")
+
+
 def test_batch_divisibility_and_distributed_flag_errors(monkeypatch):
     monkeypatch.setattr(jax, "device_count", lambda: 8)
     with pytest.raises(ValueError, match=r"batch_size=12 is not divisible by the 8 devices.*multiple of 8"):
@@ -131,6 +146,8 @@ def test_batch_divisibility_and_distributed_flag_errors(monkeypatch):
         (dict(num_epochs=0, num_train_steps=-1), "Nothing to train"),
         (dict(batch_size=4096), "larger than the 1437 training examples"),
         (dict(init_from="/no/such/checkpoint"), "no such checkpoint"),
+        (dict(steps_per_call=3), r"steps_per_call=3 must divide log_every_steps \(50\), eval_every_steps \(200\)"),
+        (dict(steps_per_call=-1), "steps_per_call must be 0 \\(automatic\\) or positive"),
     ],
 )
 def test_invalid_configs_fail_before_compiling(overrides, message, tmp_path, monkeypatch):
@@ -200,6 +217,17 @@ def test_run_writes_metrics_checkpoints_and_events(baseline):
     kept = sorted(int(p.name) for p in (baseline / "checkpoints").iterdir() if p.name.isdigit())
     assert 8 in kept and 6 in kept and len(kept) <= 3  # last 2, plus the best evaluated
     assert json.loads((baseline / "model.json").read_text())["config"]["width_mult"] == 0.25
+
+
+def test_several_steps_per_call_train_exactly_as_one_step_per_call(baseline, cache, tmp_path):
+    # The baseline ran 2 steps per call (TINY's cadences allow 2 on CPU); 4 per call here.
+    workdir = tmp_path / "wd"
+    result = run_train(workdir, "--config.steps_per_call=4", "--config.log_every_steps=4",
+                       "--config.checkpoint_every_steps=4", cache=cache)
+    assert "4 per compiled call" in result.stdout
+    for a, b in zip(jax.tree_util.tree_leaves(final_variables(baseline)), jax.tree_util.tree_leaves(final_variables(workdir))):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    assert [m["step"] for m in read_metrics(workdir) if "train_loss" in m] == [4, 8]
 
 
 def test_evaluate_cli_on_the_workdir(baseline):

@@ -76,8 +76,8 @@ class Throughput:
     def start(self) -> None:
         self._start, self._steps = time.perf_counter(), 0
 
-    def step(self) -> None:
-        self._steps += 1
+    def step(self, count: int = 1) -> None:
+        self._steps += count
 
     def report(self) -> float | None:
         """Images/s since ``start`` (None before the clock started), then restarts."""

@@ -61,6 +61,11 @@ def data_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
+def stacked_data_sharding(mesh: Mesh) -> NamedSharding:
+    """Several batches stacked on a new leading axis: that axis whole, the batch axis split."""
+    return NamedSharding(mesh, PartitionSpec(None, DATA_AXIS))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
