@@ -13,7 +13,6 @@ import argparse
 import functools
 import json
 import math
-import os
 import sys
 from typing import Any
 
@@ -21,7 +20,7 @@ import jax
 
 from ca_flax import data
 from ca_flax.checkpoints import CheckpointError, read_metadata, restore
-from ca_flax.inference import predict_fn, use_cpu_device_per_core
+from ca_flax.inference import predict_fn, usable_cores, use_cpu_device_per_core
 from ca_flax.training import parallel
 from ca_flax.training.state import TrainState
 from ca_flax.training.steps import eval_step
@@ -80,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     # One CPU device per core (a divisor of the batch, so any batch size still splits
     # evenly): each core evaluates its own rows (ca_flax.inference). GPUs and TPUs are unaffected.
     try:
-        use_cpu_device_per_core(math.gcd(len(os.sched_getaffinity(0)), args.batch_size))
+        use_cpu_device_per_core(math.gcd(usable_cores(), args.batch_size))
     except RuntimeError:  # main() called after JAX started: keep the devices it has
         pass
     try:

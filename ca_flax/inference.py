@@ -46,6 +46,13 @@ Variables = Any
 PredictFn = Callable[[Variables, jax.Array], Any]
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS reports one)."""
+    if hasattr(os, "sched_getaffinity"):  # Linux; not macOS or Windows
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def use_cpu_device_per_core(count: int | None = None) -> int:
     """Makes JAX's CPU backend expose ``count`` devices (default: the usable cores).
 
@@ -62,7 +69,7 @@ def use_cpu_device_per_core(count: int | None = None) -> int:
         return int(forced.group(1))
     if jax.config.jax_num_cpu_devices > 0:
         return jax.config.jax_num_cpu_devices
-    count = count or len(os.sched_getaffinity(0))
+    count = count or usable_cores()
     try:
         jax.config.update("jax_num_cpu_devices", count)
     except RuntimeError as error:
