@@ -109,6 +109,28 @@ def test_batch_norm_train_gradients_through_every_output(axis):
     assert gx.dtype == jnp.bfloat16
 
 
+def test_batch_norm_float32_gradients_with_a_large_mean():
+    """The backward pass takes sum(g * (x - mean)) as sum(g * x) - mean * sum(g) (on CPU
+    one library reduction of two stored maps, where the centred map would be written out
+    first). In float32 that cancels digits when |mean| >> std; at mean/std = 20 every
+    gradient must still be float32-accurate against float64."""
+    gen = np.random.default_rng(11)
+    x = 20.0 + gen.standard_normal((16, 12, 12, 8))
+    cotangent = gen.standard_normal(x.shape)
+    scale, bias = gen.uniform(0.5, 1.5, 8), gen.standard_normal(8)
+
+    def grads(dtype):
+        def loss(x, scale, bias):
+            y = batch_norm_train(x, scale, bias, 3, 1e-5, dtype, relu6)[0]
+            return jnp.sum(y * jnp.asarray(cotangent, dtype))
+        args = [jnp.asarray(a, dtype) for a in (x, scale, bias)]
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*args)
+
+    for got, want in zip(grads(jnp.float32), grads(jnp.float64)):
+        got, want = np.asarray(got, np.float64), np.asarray(want)
+        assert np.abs(got - want).max() <= 5e-5 * np.abs(want).max()
+
+
 def test_batch_moments_gradient_and_dtype():
     gen = np.random.default_rng(1)
     x = jnp.asarray(gen.standard_normal((3, 4, 4, 5)))

@@ -159,13 +159,18 @@ def _bn_train_bwd(axis, epsilon, dtype, activation, residuals, cotangents):
     stat_dtype, count = mean.dtype, _const(x.size // mean.size, mean)
     if isinstance(dy, SymbolicZero):
         dy = jnp.zeros(x.shape, dtype)
+    x_stored = x
     x = after(x, dy)  # nothing below may start before the backward pass reaches this layer
     pre, centred, mul, rstd = _affine(x, mean, var, scale, bias, axis, epsilon)
     if activation is None:
         g = dy.astype(stat_dtype)
     else:  # the activation's gradient at its input, as the forward pass computed it
         g = jax.vjp(lambda p: activation(p.astype(dtype)), pre)[1](dy)[0]
-    sum_g, sum_g_centred = lax.reduce_sum(g, reduce_axes), lax.reduce_sum(lax.mul(g, centred), reduce_axes)
+    # sum(g * (x - mean)) as sum(g * x) - mean * sum(g): the product of two stored maps
+    # is one library reduction on CPU, where the centred map would be written out first.
+    sum_g = lax.reduce_sum(g, reduce_axes)
+    sum_gx = lax.reduce_sum(lax.mul(g, x_stored.astype(stat_dtype)), reduce_axes)
+    sum_g_centred = lax.sub(sum_gx, lax.mul(mean, sum_g))
     # d/dx of (x - mean) * rstd through x, mean and var (the var path is the rstd**2 term).
     var_term = _per_channel(lax.div(lax.mul(lax.mul(rstd, rstd), sum_g_centred), count), x, axis)
     correction = lax.add(_per_channel(lax.div(sum_g, count), x, axis), lax.mul(centred, var_term))
