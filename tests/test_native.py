@@ -1,0 +1,153 @@
+"""The C++ CPU kernels (``ca_flax.native``): same values as their XLA formulations, built
+once and cached, and a clean fallback when they cannot be built or are turned off."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ca_flax import native
+from ca_flax.layers import depthwise
+from ca_flax.layers.depthwise import depthwise_conv
+
+REPO = Path(__file__).resolve().parents[1]
+
+requires_kernel = pytest.mark.skipif(
+    native.depthwise_kernel_grad_target() is None,
+    reason="the native kernel cannot be built here (no C++ compiler, or CA_FLAX_NATIVE=0)",
+)
+
+
+def _xla_kernel_grad(x, dy, kernel_hw, stride):
+    """The XLA loop the native kernel replaces, in float64 as the reference."""
+    with jax.enable_x64(True):
+        x64, dy64 = (jnp.asarray(np.asarray(a), jnp.float64) for a in (x, dy))
+        return np.asarray(depthwise._kernel_grad(x64, dy64, (*kernel_hw, 1, x.shape[-1]), stride))
+
+
+@requires_kernel
+@pytest.mark.parametrize(
+    "shape, k, stride",
+    [((2, 8, 8, 4), 3, 1), ((2, 7, 9, 5), 3, 2), ((1, 1, 1, 3), 3, 1), ((1, 2, 3, 6), 3, 2),
+     ((3, 10, 11, 3), 5, 1), ((2, 10, 11, 7), 5, 3), ((20, 5, 4, 17), 3, 2)],
+)
+def test_depthwise_kernel_grad_equals_the_xla_loop(shape, k, stride):
+    kx, kg = jax.random.split(jax.random.PRNGKey(sum(shape) + k + stride))
+    x = jax.random.normal(kx, shape)
+    out_hw = ((shape[1] - 1) // stride + 1, (shape[2] - 1) // stride + 1)
+    dy = jax.random.normal(kg, (shape[0], *out_hw, shape[3]))
+    got = jax.jit(native.depthwise_kernel_grad, static_argnums=(2, 3))(x, dy, (k, k), stride)
+    want = _xla_kernel_grad(x, dy, (k, k), stride)
+    assert got.shape == (k, k, 1, shape[3]) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@requires_kernel
+def test_the_float32_cpu_backward_pass_uses_it_and_other_dtypes_do_not():
+    x = jnp.ones((2, 6, 6, 4))
+    kernel = jnp.ones((3, 3, 1, 4))
+    grad = lambda x, k: jax.grad(lambda k: jnp.sum(depthwise_conv(x, k, 2, "shift_vjp")))(k)  # noqa: E731
+    assert "ca_flax_CaFlaxDepthwiseKernelGrad" in jax.jit(grad).lower(x, kernel).as_text()
+    bf16 = jax.jit(grad).lower(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)).as_text()
+    assert "ca_flax_CaFlaxDepthwiseKernelGrad" not in bf16
+
+
+@requires_kernel
+@pytest.mark.parametrize("stride", [1, 2])
+def test_second_order_derivatives_through_the_native_kernel(stride):
+    """A gradient penalty on the kernel gradient differentiates the native kernel itself."""
+    kx, kk, kc = jax.random.split(jax.random.PRNGKey(stride), 3)
+    x, kernel = jax.random.normal(kx, (2, 7, 9, 5)), jax.random.normal(kk, (3, 3, 1, 5))
+    cot = jax.random.normal(kc, depthwise_conv(x, kernel, stride, "xla").shape)
+
+    def penalty_grad(impl):
+        def penalty(x, cot):
+            gk = jax.grad(lambda k: jnp.sum(depthwise_conv(x, k, stride, impl) * cot))(kernel)
+            return jnp.sum(gk ** 2)
+        return jax.grad(penalty, (0, 1))(x, cot)
+
+    for got, want in zip(penalty_grad("shift_vjp"), penalty_grad("xla")):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
+
+
+@requires_kernel
+def test_batch_sharded_over_devices_gives_the_same_gradient(tmp_path):
+    """Under jit with the batch split over 4 CPU devices (XLA gathers the custom call's
+    operands: correct, not yet partitioned)."""
+    script = textwrap.dedent("""
+        import jax
+        jax.config.update("jax_num_cpu_devices", 4)
+        import jax.numpy as jnp, numpy as np
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        from ca_flax.layers import depthwise_conv
+        mesh = Mesh(np.array(jax.devices()), ("data",))
+        x = jax.random.normal(jax.random.PRNGKey(0), (8, 10, 10, 6))
+        k = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 1, 6))
+        cot = jax.random.normal(jax.random.PRNGKey(2), (8, 5, 5, 6))
+        grad = lambda impl: jax.jit(jax.grad(lambda x, k: jnp.sum(depthwise_conv(x, k, 2, impl) * cot), (0, 1)))
+        got = grad("shift_vjp")(jax.device_put(x, NamedSharding(mesh, P("data"))), k)
+        for a, b in zip(got, grad("xla")(x, k)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def _run_isolated(env: dict, tmp_path: Path) -> subprocess.CompletedProcess:
+    """A depthwise gradient in a fresh process with its own kernel cache and ``env``."""
+    script = textwrap.dedent("""
+        import warnings
+        import jax, jax.numpy as jnp, numpy as np
+        from ca_flax import native
+        from ca_flax.layers import depthwise_conv
+        x, k = jnp.ones((2, 6, 6, 4)), jnp.ones((3, 3, 1, 4))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            g = jax.grad(lambda k: jnp.sum(depthwise_conv(x, k, 1, "shift_vjp")))(k)
+        np.testing.assert_allclose(g[1, 1, 0], 72.0)  # the centre tap sees all 2 x 36 pixels
+        print("target:", native.depthwise_kernel_grad_target())
+        for w in caught:
+            print("warning:", w.message)
+    """)
+    return subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "CA_FLAX_CACHE_DIR": str(tmp_path / "cache"), **env})
+
+
+def test_without_a_compiler_it_warns_once_and_uses_xla(tmp_path):
+    result = _run_isolated({"CXX": "no-such-compiler-ca-flax"}, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "target: None" in result.stdout
+    assert result.stdout.count("warning:") == 1 and "No C++ compiler 'no-such-compiler-ca-flax'" in result.stdout
+    assert "CA_FLAX_NATIVE=0" in result.stdout
+
+
+def test_a_failed_build_leaves_no_file_that_looks_built(tmp_path):
+    result = _run_isolated({"CXX": "false"}, tmp_path)  # a "compiler" that always fails
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "target: None" in result.stdout and "failed" in result.stdout
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_turned_off_it_neither_builds_nor_warns(tmp_path):
+    result = _run_isolated({native.DISABLE_ENV: "0"}, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "target: None" in result.stdout and "warning:" not in result.stdout
+    assert not (tmp_path / "cache").exists()
+
+
+@requires_kernel
+def test_built_once_then_reused_from_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CA_FLAX_CACHE_DIR", str(tmp_path))
+    first = native.build("depthwise_kernel_grad")
+    mtime = first.stat().st_mtime_ns
+    assert native.build("depthwise_kernel_grad") == first and first.stat().st_mtime_ns == mtime
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]
