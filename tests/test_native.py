@@ -137,6 +137,14 @@ def test_a_failed_build_leaves_no_file_that_looks_built(tmp_path):
     assert list((tmp_path / "cache").iterdir()) == []
 
 
+def test_an_unwritable_cache_warns_and_uses_xla(tmp_path):
+    blocker = tmp_path / "not_a_directory"
+    blocker.write_text("")
+    result = _run_isolated({"CA_FLAX_CACHE_DIR": str(blocker / "cache")}, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "target: None" in result.stdout and result.stdout.count("warning:") == 1
+
+
 def test_turned_off_it_neither_builds_nor_warns(tmp_path):
     result = _run_isolated({native.DISABLE_ENV: "0"}, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -134,7 +134,7 @@ def ffi_target(name: str, symbol: str) -> str | None:
 def _load(name: str, symbol: str) -> str | None:
     try:
         library = ctypes.CDLL(str(build(name)))
-    except NativeBuildError as error:
+    except (NativeBuildError, OSError) as error:  # OSError: an unwritable cache, a library that will not load
         warnings.warn(f"ca_flax: using the XLA formulation instead of the native kernel. {error}",
                       RuntimeWarning, stacklevel=4)
         return None
