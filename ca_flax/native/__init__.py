@@ -2,7 +2,7 @@
 
 Each kernel has an XLA formulation that computes the same values; the callers use the
 kernel on CPU for the dtypes it supports and fall back to XLA everywhere else, or when
-the kernel cannot be built (see :mod:`ca_flax.native.build`). ``CA_FLAX_NATIVE=0`` turns
+the kernel cannot be built (see :mod:`ca_flax.native.loader`). ``CA_FLAX_NATIVE=0`` turns
 them all off.
 
 - :func:`depthwise_kernel_grad`: the depthwise convolution's kernel gradient in one sweep
@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ca_flax.native.build import DISABLE_ENV, NativeBuildError, build, cache_dir, enabled, ffi_target
+from ca_flax.native.loader import DISABLE_ENV, NativeBuildError, build, cache_dir, enabled, ffi_target
 
 __all__ = ["DISABLE_ENV", "NativeBuildError", "build", "cache_dir", "enabled", "depthwise_kernel_grad", "depthwise_kernel_grad_target"]
 
@@ -35,7 +35,7 @@ def depthwise_kernel_grad(x: jax.Array, dy: jax.Array, kernel_hw: tuple[int, int
     """
     target = depthwise_kernel_grad_target()
     if target is None:
-        raise RuntimeError("The native depthwise kernel gradient is unavailable (see ca_flax.native.build).")
+        raise RuntimeError("The native depthwise kernel gradient is unavailable (see ca_flax.native.loader).")
     if x.dtype != jnp.float32 or dy.dtype != jnp.float32:
         raise TypeError(f"The native depthwise kernel gradient takes float32, got {x.dtype} and {dy.dtype}.")
     kh, kw = kernel_hw
