@@ -26,7 +26,10 @@ Measurements:
   does, given to PyTorch too, and its ratio is printed on a line of its own.
 - ``flax_infer``: ``ca_flax.inference.make_predictor`` (eval mode, batch sharded over the
   devices, micro-batches per backend); on CPU with one JAX device per core
-  (``use_cpu_device_per_core``). ``flax_infer_jit``: a plain ``jax.jit(model.apply)``.
+  (``use_cpu_device_per_core``). ``flax_infer_jit``: a plain ``jax.jit(model.apply)`` on
+  JAX's default single CPU device, with the model's defaults (eval micro-batches of 8
+  and the native inference units on CPU); ``flax_infer_jit_whole_batch``: the same with
+  ``eval_micro_batch=None`` (one pass over the batch, native units only).
 - ``flax_train_step``: the trainer's jitted train step (same config, optimizer, state and
   steps per compiled call: 8 on CPU) in a bare loop; ``flax_trainer`` over it is what the
   training loop costs.
@@ -76,7 +79,8 @@ TORCH_MEASUREMENTS = [
 # Not one of the issue's reference configurations: torch.compile fed the batch in
 # micro-batches, the same trick ca-flax's predictor plays (CPU only; reported beside).
 MICROBATCH = "torch_infer_compile_microbatch"
-FLAX_MEASUREMENTS = ["flax_infer", "flax_infer_jit", "flax_train_step", "flax_trainer", "flax_trainer_cached"]
+FLAX_MEASUREMENTS = ["flax_infer", "flax_infer_jit", "flax_infer_jit_whole_batch", "flax_train_step", "flax_trainer",
+                     "flax_trainer_cached"]
 
 
 # ----------------------------------------------------------------------------------
@@ -198,7 +202,8 @@ def flax_infer_worker(
     kind: str, batch: int, size: int, steps: int, device: str, dtype: str, depthwise_impl: str
 ) -> dict:
     """``flax_infer``: ``ca_flax.inference.make_predictor`` (on CPU with one device per
-    core, micro-batches per backend); ``flax_infer_jit``: a plain ``jax.jit(model.apply)``."""
+    core, micro-batches per backend); ``flax_infer_jit``: a plain ``jax.jit(model.apply)``
+    (``flax_infer_jit_whole_batch``: with ``eval_micro_batch=None``)."""
     import functools
 
     import jax
@@ -213,7 +218,8 @@ def flax_infer_worker(
     from ca_flax.models import create_model
     from ca_flax.training import parallel
 
-    model = create_model("mobilenetv2_ca", dtype=jnp.dtype(dtype), depthwise_impl=depthwise_impl)
+    whole = {"eval_micro_batch": None} if kind == "flax_infer_jit_whole_batch" else {}
+    model = create_model("mobilenetv2_ca", dtype=jnp.dtype(dtype), depthwise_impl=depthwise_impl, **whole)
     shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
                             jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
     # Any finite values do for timing; running the initializers would only add compile time.

@@ -1,6 +1,10 @@
-"""Where a train step's time goes, per layer type, forward and backward.
+"""Where a train step's (or an inference call's) time goes, per layer type.
 
     python benchmarks/profile_step.py [--model mobilenetv2_ca] [--batch 32] [--image-size 224] [--steps 2]
+        [--inference [--eval-micro-batch auto|N|none]]
+
+``--inference`` profiles ``jax.jit(model.apply)`` in eval mode instead (the fused native
+units of ``layers/fused.py`` are their own rows).
 
 Compiles the SGD train step of ``benchmarks/model.py``, traces ``--steps`` executions
 with ``jax.profiler`` (XLA:CPU emits one trace event per executed kernel when compiled
@@ -24,15 +28,18 @@ from pathlib import Path
 import jax
 from jax._src.lib import _profile_data  # the reader behind jax.profiler's own tools
 
-from model import sgd_train_setup  # benchmarks/model.py, next to this script
+from model import _variables as model_variables  # benchmarks/model.py, next to this script
+from model import sgd_train_setup
 from ca_flax.models import create_model
 
 # First match wins; patterns are searched in the HLO op_name (the Flax module path).
 LAYER_TYPES = [
+    ("depthwise unit (native)", r"/fused_depthwise_unit"),
+    ("stem unit (native)", r"/fused_dense_unit"),
     ("depthwise 3x3 conv", r"/depthwise/conv"),
     ("coordinate attention", r"/attention/"),
     ("BatchNorm + activation", r"/bn/"),
-    ("1x1 conv (matmul)", r"/(expand|project|head)/conv"),
+    ("1x1 conv (matmul)", r"/(expand|project|head)(\.convolve)?/conv"),
     ("stem 3x3 conv", r"/stem/conv"),
     ("classifier", r"/classifier"),
 ]
@@ -65,26 +72,48 @@ def build_step(model_name: str, batch: int, size: int):
     return compiled, args
 
 
+def build_inference(model_name: str, batch: int, size: int, micro_batch: str):
+    """The compiled ``jax.jit(model.apply)`` (eval mode) and its arguments, as the step's."""
+    setting = None if micro_batch == "none" else (micro_batch if micro_batch == "auto" else int(micro_batch))
+    model = create_model(model_name, eval_micro_batch=setting)
+    images = jax.random.normal(jax.random.PRNGKey(0), (batch, size, size, 3))
+    variables = model_variables(model, (1, size, size, 3))
+    compiled = jax.jit(model.apply).lower(variables, images).compile(compiler_options={"xla_cpu_enable_xprof_traceme": True})
+    return compiled, (variables, images)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="mobilenetv2_ca")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--inference", action="store_true", help="profile jax.jit(model.apply) in eval mode")
+    parser.add_argument("--eval-micro-batch", default="auto", help="with --inference: auto, an int, or none")
     args = parser.parse_args()
 
-    step, (params, stats, opt, images, labels) = build_step(args.model, args.batch, args.image_size)
-    origins = kernel_origins(step.as_text())
+    if args.inference:
+        compiled, (variables, images) = build_inference(args.model, args.batch, args.image_size, args.eval_micro_batch)
+        run = lambda: compiled(variables, images)  # noqa: E731
+    else:
+        compiled, state = build_step(args.model, args.batch, args.image_size)
+
+        def run():
+            nonlocal state
+            *carry, loss = compiled(*state)
+            state = (*carry, *state[3:])
+            return loss
+
+    origins = kernel_origins(compiled.as_text())
     for _ in range(2):  # warm up: first-touch of buffers is not the steady state
-        params, stats, opt, loss = step(params, stats, opt, images, labels)
-    jax.block_until_ready(loss)
+        jax.block_until_ready(run())
 
     with tempfile.TemporaryDirectory() as trace_dir:
         jax.profiler.start_trace(trace_dir)
         start = time.perf_counter()
         for _ in range(args.steps):
-            params, stats, opt, loss = step(params, stats, opt, images, labels)
-        jax.block_until_ready(loss)
+            out = run()
+        jax.block_until_ready(out)
         wall = (time.perf_counter() - start) / args.steps
         jax.profiler.stop_trace()
         trace = next(Path(trace_dir).rglob("*.xplane.pb"))
@@ -97,7 +126,8 @@ def main() -> None:
                 if event.name in origins:
                     per_type[origins[event.name]] += event.duration_ns / 1e6 / args.steps
     total = sum(per_type.values())
-    print(f"{args.model} batch={args.batch} {args.image_size}x{args.image_size}: {wall * 1e3:.0f} ms per step (traced), "
+    what = "eval call" if args.inference else "step"
+    print(f"{args.model} batch={args.batch} {args.image_size}x{args.image_size}: {wall * 1e3:.0f} ms per {what} (traced), "
           f"{total:.0f} ms of kernel time over all threads")
     print(f"{'layer type':<26}{'forward ms':>12}{'backward ms':>13}{'share':>8}")
     labels_ = [label for label, _ in LAYER_TYPES] + ["loss, optimizer, other"]

@@ -13,10 +13,12 @@ layer to the next. On accelerators the whole per-device batch is one call
 (``micro_batch=None``).
 
 With one CPU device per core (:func:`use_cpu_device_per_core`, before JAX starts), each
-core runs its own images without waiting for the other between kernels. Measured on
-this project's 2-core CPU (MobileNetV2+CA, batch 32, 224x224, float32), images/s:
-``jax.jit(model.apply)`` 88-99, micro-batches of 4 on one device 108-128, two devices
-with micro-batches of 2 150-166 (README, Performance). Larger machines are unmeasured.
+core runs its own images without waiting for the other between kernels. On a single CPU
+device the model itself micro-batches in eval mode (``eval_micro_batch``, see
+``models/micro_batch.py``), so a plain ``jax.jit(model.apply)`` gets most of the gain.
+Measured on this project's 2-core CPU (MobileNetV2+CA, batch 32, 224x224, float32),
+images/s: ``jax.jit(model.apply)`` 165-178, this predictor with two devices and
+micro-batches of 2 209-231 (README, Performance). Larger machines are unmeasured.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import re
 from typing import Any, Callable
 
 import jax
-import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -35,6 +36,7 @@ try:
 except ImportError:  # jax < 0.6
     from jax.experimental.shard_map import shard_map
 
+from ca_flax.models.micro_batch import pad_rows
 from ca_flax.training.parallel import DATA_AXIS, make_mesh
 
 # Per-device micro-batch that micro_batch='auto' picks, by backend (None: the whole
@@ -90,13 +92,6 @@ def resolve_micro_batch(micro_batch: int | str | None, backend: str | None = Non
     return micro_batch
 
 
-def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
-    """``x`` with its leading axis zero-padded to ``rows``."""
-    if x.shape[0] == rows:
-        return x
-    return lax.pad(x, np.zeros((), x.dtype), [(0, rows - x.shape[0], 0)] + [(0, 0, 0)] * (x.ndim - 1))
-
-
 def _in_micro_batches(apply: PredictFn, micro_batch: int | None) -> PredictFn:
     """``apply`` over the leading axis ``micro_batch`` rows at a time, sequentially (the
     rows zero-padded to a multiple of ``micro_batch``, the padding's outputs dropped)."""
@@ -106,7 +101,7 @@ def _in_micro_batches(apply: PredictFn, micro_batch: int | None) -> PredictFn:
         if micro_batch is None or rows <= micro_batch:
             return apply(variables, images)
         count = -(-rows // micro_batch)
-        chunks = _pad_rows(images, count * micro_batch).reshape(count, micro_batch, *images.shape[1:])
+        chunks = pad_rows(images, count * micro_batch).reshape(count, micro_batch, *images.shape[1:])
         out = lax.map(lambda chunk: apply(variables, chunk), chunks)
         return jax.tree_util.tree_map(lambda y: y.reshape(count * micro_batch, *y.shape[2:])[:rows], out)
 
@@ -148,7 +143,7 @@ def predict_fn(
         rows = images.shape[0]
         if rows % devices == 0:  # each device pads its own rows: nothing moves between devices
             return sharded(variables, images)
-        out = sharded(variables, _pad_rows(images, -(-rows // devices) * devices))
+        out = sharded(variables, pad_rows(images, -(-rows // devices) * devices))
         return jax.tree_util.tree_map(lambda y: y[:rows], out)
 
     return predict

@@ -36,6 +36,7 @@ if str(_TESTS_DIR) not in sys.path:
 
 import torch_reference as tr  # noqa: E402
 
+from ca_flax import native  # noqa: E402
 from ca_flax.convert import from_torch  # noqa: E402
 
 LOGIT_RTOL = 1e-4
@@ -124,3 +125,23 @@ def test_outputs_depend_on_the_input():
     logits, _ = forward(jnp.asarray(_images(49).numpy().transpose(0, 2, 3, 1)))
     logits = np.asarray(logits)
     assert logits.std(axis=0).mean() > 0.1 * logits.std()
+
+
+@pytest.mark.parametrize(
+    "name, size, batch",
+    [pytest.param("official_mbv2_ca_w1.0", 224, 10, marks=pytest.mark.slow), ("official_mbv2_ca_w0.5", 49, 3),
+     ("torchvision_mobilenet_v2_w0.5", 49, 3), ("timm_mobilenetv2_050", 49, 3)],
+)
+def test_float32_default_inference_path(name, size, batch):
+    """``model.apply`` as users call it: the captures above run the modules as written; a
+    plain call runs, on CPU, the native inference units and (10 images) eval micro-batches."""
+    reference = _reference(name)
+    model, variables, _ = from_torch(reference.state_dict())
+    x = _images(size, batch=batch)
+    with torch.no_grad():
+        want = reference(x).numpy()
+    images = jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
+    if jax.default_backend() == "cpu" and native.depthwise_inference_target() is not None:
+        assert "CaFlaxDepthwiseInference" in jax.jit(model.apply).lower(variables, images).as_text()
+    got = np.asarray(jax.jit(model.apply)(variables, images))
+    assert float(np.max(np.abs(got - want)) / np.max(np.abs(want))) < LOGIT_RTOL

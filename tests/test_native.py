@@ -159,3 +159,52 @@ def test_built_once_then_reused_from_the_cache(tmp_path, monkeypatch):
     mtime = first.stat().st_mtime_ns
     assert native.build("depthwise_kernel_grad") == first and first.stat().st_mtime_ns == mtime
     assert [p.name for p in tmp_path.iterdir()] == [first.name]
+
+
+def test_without_a_compiler_the_eval_model_warns_once_and_runs_the_modules(tmp_path):
+    """Three kernels want building (two inference units, the kernel gradient): one warning."""
+    script = textwrap.dedent("""
+        import warnings
+        import jax, jax.numpy as jnp, numpy as np
+        from ca_flax.models import create_model
+        model = create_model("mobilenetv2_ca", width_mult=0.25, stage_repeats=(1,) * 7, num_classes=4)
+        x = jnp.ones((2, 32, 32, 3))
+        variables = model.init(jax.random.PRNGKey(0), x)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            text = jax.jit(model.apply).lower(variables, x).as_text()
+            jax.grad(lambda p: jnp.sum(model.apply({**variables, "params": p}, x, train=True, mutable=["batch_stats"],
+                                                    rngs={"dropout": jax.random.PRNGKey(0)})[0]))(variables["params"])
+        print("custom calls:", text.count("ca_flax_"))
+        for w in caught:
+            print("warning:", w.message)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "CA_FLAX_CACHE_DIR": str(tmp_path / "cache"), "CXX": "no-such-cxx"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "custom calls: 0" in result.stdout
+    assert result.stdout.count("warning:") == 1, result.stdout
+
+
+@requires_kernel
+def test_disabled_block_traces_the_xla_formulation():
+    x, kernel = jnp.ones((2, 6, 6, 4)), jnp.ones((3, 3, 1, 4))
+
+    def program():  # a new function each time: jax reuses the trace of one it has seen
+        return jax.jit(jax.grad(lambda k: jnp.sum(depthwise_conv(x, k, 1, "shift_vjp")))).lower(kernel).as_text()
+
+    with native.disabled():
+        assert not native.enabled()
+        assert "ca_flax_" not in program()
+    assert native.enabled() and "ca_flax_" in program()
+
+
+def test_the_build_key_covers_the_headers(tmp_path, monkeypatch):
+    from ca_flax.native import loader
+
+    monkeypatch.setattr(loader, "SOURCE_DIR", tmp_path)
+    (tmp_path / "k.cc").write_text('#include "h.h"\n')
+    (tmp_path / "h.h").write_text("// one\n")
+    first = loader._build_key(tmp_path / "k.cc", sys.executable)
+    (tmp_path / "h.h").write_text("// two\n")
+    assert loader._build_key(tmp_path / "k.cc", sys.executable) != first

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from ca_flax.attention.common import GATE_SCOPE, check_feature_map, check_reduction
+from ca_flax.attention.common import GATE_SCOPE, check_feature_map, check_reduction, check_sums
 from ca_flax.layers.activations import ActivationLike, get_activation
 from ca_flax.layers.conv import PointwiseConv, conv_kernel_init
 from ca_flax.layers.norm import BatchNorm
-from ca_flax.layers.pooling import mean_pool
+from ca_flax.layers.pooling import DirectionalSums, mean_pool
 from ca_flax.layers.recompute import recompute_in_backward
 
 Directions = Literal["both", "h", "w"]
@@ -41,6 +41,9 @@ class CoordinateAttention(nn.Module):
     MobileNetV2 code's ``conv1``, ``bn1``, ``conv2``, ``conv3``).
     """
 
+    # Takes ``sums=``: pools from row and column sums a fused producer computed.
+    uses_sums: ClassVar[bool] = True
+
     reduction: int = 32
     min_channels: int = 8
     activation: ActivationLike = "hard_swish"
@@ -51,8 +54,11 @@ class CoordinateAttention(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False, sums: DirectionalSums | None = None) -> jax.Array:
+        """Gates ``x``. ``sums``: ``x``'s row and column sums where the layer before
+        computed them (``layers/fused.py``); the pools are then taken from them."""
         check_feature_map(x, "CoordinateAttention")
+        check_sums(x, sums, "CoordinateAttention")
         check_reduction(self.reduction, self.min_channels, "CoordinateAttention")
         if self.directions not in ("both", "h", "w"):
             raise ValueError(f"CoordinateAttention: directions must be 'both', 'h' or 'w', got {self.directions!r}.")
@@ -64,9 +70,9 @@ class CoordinateAttention(nn.Module):
         # Directional average pools: (N, H, C) and (N, W, C).
         strips = []
         if self.directions in ("both", "h"):
-            strips.append(mean_pool(x, axis=2, dtype=dtype))
+            strips.append(mean_pool(x, axis=2, dtype=dtype) if sums is None else sums.row_means(dtype))
         if self.directions in ("both", "w"):
-            strips.append(mean_pool(x, axis=1, dtype=dtype))
+            strips.append(mean_pool(x, axis=1, dtype=dtype) if sums is None else sums.col_means(dtype))
         y = jnp.concatenate(strips, axis=1) if len(strips) > 1 else strips[0]
 
         y = PointwiseConv(mip, use_bias=True, name="reduce", **conv)(y)

@@ -193,7 +193,8 @@ class ConvBNAct(nn.Module):
       activation: name or callable, ``None`` for a linear unit.
       depthwise_impl: implementation of depthwise convolutions (see ``DepthwiseConv``).
       bn_momentum, bn_epsilon: BatchNorm settings (PyTorch defaults).
-    Submodules are named ``conv`` and ``bn``.
+    Submodules are named ``conv`` and ``bn``; the inference fusions of ``layers/fused.py``
+    call :meth:`convolve` and read ``unit.bn``'s and ``unit.conv``'s variables.
     """
 
     features: int
@@ -207,26 +208,29 @@ class ConvBNAct(nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        common = dict(dtype=self.dtype, param_dtype=self.param_dtype, name="conv")
+    def setup(self) -> None:
+        common = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=conv_kernel_init)
         if self.kind == "depthwise":
-            conv = DepthwiseConv(
-                kernel_size=self.kernel_size, stride=self.stride, impl=self.depthwise_impl,
-                kernel_init=conv_kernel_init, **common,
-            )
+            self.conv = DepthwiseConv(kernel_size=self.kernel_size, stride=self.stride, impl=self.depthwise_impl, **common)
         elif self.kind == "pointwise":
             if self.kernel_size != 1 or self.stride != 1:
                 raise ValueError("A pointwise convolution has kernel_size 1 and stride 1.")
-            conv = PointwiseConv(self.features, kernel_init=conv_kernel_init, **common)
+            self.conv = PointwiseConv(self.features, **common)
         elif self.kind == "full":
-            conv = Conv(self.features, self.kernel_size, self.stride, kernel_init=conv_kernel_init, **common)
+            self.conv = Conv(self.features, self.kernel_size, self.stride, **common)
         else:
             raise ValueError(f"Unknown convolution kind {self.kind!r}; use 'full', 'depthwise' or 'pointwise'.")
-        x = conv(x)
         # The activation runs inside BatchNorm, where the backward pass recomputes it.
         activation = get_activation(self.activation) if self.activation is not None else None
-        return BatchNorm(
+        self.bn = BatchNorm(
             momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype,
-            param_dtype=self.param_dtype, activation=activation, name="bn",
-        )(x, use_running_average=not train)
+            param_dtype=self.param_dtype, activation=activation,
+        )
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """Convolution, then BatchNorm (batch statistics when ``train``) and activation."""
+        return self.bn(self.conv(x), use_running_average=not train)
+
+    def convolve(self, x: jax.Array) -> jax.Array:
+        """The convolution alone, before BatchNorm (for the fusions of ``layers/fused.py``)."""
+        return self.conv(x)

@@ -238,3 +238,16 @@ class BatchNorm(nn.Module):
             ra_mean.value = _running_average(ra_mean.value, mean, self.momentum)
             ra_var.value = _running_average(ra_var.value, running_var, self.momentum)
         return y
+
+    def eval_affine(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The inference normalization as ``(x - mean) * mul + bias`` per channel:
+        ``(mean, mul, bias)`` in float32, from the running statistics and the parameters
+        (which must exist: call it on an initialized model). The same values and order of
+        operations as ``__call__(x, use_running_average=True)`` before its activation."""
+        mean, var = self.get_variable("batch_stats", "mean"), self.get_variable("batch_stats", "var")
+        scale, bias = self.get_variable("params", "scale"), self.get_variable("params", "bias")
+        if mean is None or scale is None:
+            raise ValueError("BatchNorm.eval_affine needs the layer's variables: initialize the model first.")
+        stat_dtype = jnp.promote_types(mean.dtype, jnp.float32)
+        rstd = lax.rsqrt(lax.add(var.astype(stat_dtype), _const(self.epsilon, var.astype(stat_dtype))))
+        return mean.astype(stat_dtype), lax.mul(rstd, scale.astype(stat_dtype)), bias.astype(stat_dtype)

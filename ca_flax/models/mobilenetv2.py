@@ -15,7 +15,9 @@ from ca_flax.attention import ATTENTION_BLOCKS, create_attention
 from ca_flax.layers.activations import ActivationLike
 from ca_flax.layers.conv import ConvBNAct, dense_kernel_init
 from ca_flax.layers.depthwise import DepthwiseImpl
+from ca_flax.layers.fused import dense_unit_inference, depthwise_unit_inference, fuses_dense_unit, fuses_depthwise_unit
 from ca_flax.layers.pooling import mean_pool
+from ca_flax.models.micro_batch import MicroBatch, in_micro_batches, micro_batches_apply, resolve_eval_micro_batch
 
 # (expansion t, channels c, repeats n, first stride s) of the seven stages.
 STAGES: tuple[tuple[int, int, int, int], ...] = (
@@ -45,7 +47,10 @@ class InvertedResidual(nn.Module):
     [attention] -> 1x1 project, BN (linear), plus the input when shapes allow.
 
     With ``expansion == 1`` there is no expand conv and, as in the CA paper, no
-    attention. Submodules: ``expand``, ``depthwise``, ``attention``, ``project``.
+    attention. Submodules: ``expand``, ``depthwise``, ``attention``, ``project``. In eval
+    mode on CPU (float32, ReLU6) the expand BatchNorm through the depthwise unit and the
+    attention's pools run as one native kernel (``layers/fused.py``); same parameters,
+    same values to float rounding.
     """
 
     features: int
@@ -68,13 +73,25 @@ class InvertedResidual(nn.Module):
             activation=self.activation, depthwise_impl=self.depthwise_impl, bn_momentum=self.bn_momentum,
             bn_epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
         )
-        y = x
+        expand = None
         if self.expansion != 1:
-            y = ConvBNAct(hidden, kernel_size=1, kind="pointwise", name="expand", **unit)(y, train)
-        y = ConvBNAct(hidden, kernel_size=3, stride=self.stride, kind="depthwise", name="depthwise", **unit)(y, train)
+            expand = ConvBNAct(hidden, kernel_size=1, kind="pointwise", name="expand", **unit)
+        depthwise = ConvBNAct(hidden, kernel_size=3, stride=self.stride, kind="depthwise", name="depthwise", **unit)
+        attention = None
         if self.attention is not None and self.expansion != 1:
             kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype, **(self.attention_kwargs or {}))
-            y = create_attention(self.attention, name="attention", **kwargs)(y, train)
+            attention = create_attention(self.attention, name="attention", **kwargs)
+        if fuses_depthwise_unit(self, depthwise, expand, x, train):
+            # Eval mode on CPU: expand's BatchNorm and ReLU6 through the depthwise unit
+            # and the attention's pools in one native pass (layers/fused.py).
+            y, sums = depthwise_unit_inference(depthwise, expand, x)
+            if attention is not None:
+                y = attention(y, train, sums=sums) if getattr(attention, "uses_sums", False) else attention(y, train)
+        else:
+            y = expand(x, train) if expand is not None else x
+            y = depthwise(y, train)
+            if attention is not None:
+                y = attention(y, train)
         y = ConvBNAct(self.features, kernel_size=1, kind="pointwise", name="project", **{**unit, "activation": None})(
             y, train
         )
@@ -104,6 +121,10 @@ class MobileNetV2(nn.Module):
       bn_momentum, bn_epsilon: BatchNorm settings, PyTorch's defaults.
       dtype: computation dtype (``jnp.bfloat16`` for mixed precision); parameters and
         BatchNorm statistics stay ``param_dtype`` (float32).
+      eval_micro_batch: in eval mode, run the batch this many images at a time inside
+        the one call (``None``: all at once; ``'auto'``: 8 on a single-device CPU backend,
+        where it is faster, else all at once). The outputs are the same: see
+        ``models/micro_batch.py``.
 
     ``__call__(x, train)`` maps NHWC images to logits; ``features(x, train)`` returns the
     feature maps of the stem, each stage and the head (see :meth:`features`).
@@ -124,6 +145,7 @@ class MobileNetV2(nn.Module):
     bn_epsilon: float = 1e-5
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    eval_micro_batch: MicroBatch = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -145,6 +167,8 @@ class MobileNetV2(nn.Module):
             raise ValueError(f"num_classes must be a non-negative integer, got {self.num_classes!r}.")
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate!r}.")
+        if self.eval_micro_batch != "auto":
+            resolve_eval_micro_batch(self.eval_micro_batch)  # raises on a bad setting
         for name in ("stem_channels", "head_channels"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -218,9 +242,30 @@ class MobileNetV2(nn.Module):
         ``model.apply(variables, x, method=model.features)``.
         """
         self._check_input(x)
+        size = micro_batches_apply(self, self.eval_micro_batch, x, train)
+        if size is not None:
+            return in_micro_batches(self, lambda model, chunk: model._features(chunk, False), x, size)
+        return self._features(x, train)
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """Logits ``(N, num_classes)`` for NHWC images ``(N, H, W, in_channels)``.
+
+        ``train=True`` uses batch statistics (pass ``mutable=['batch_stats']``) and
+        dropout (pass ``rngs={'dropout': key}``).
+        """
+        self._check_input(x)
+        size = micro_batches_apply(self, self.eval_micro_batch, x, train)
+        if size is not None:
+            return in_micro_batches(self, lambda model, chunk: model._logits(chunk, False), x, size)
+        return self._logits(x, train)
+
+    def _features(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
         if self.dtype is not None:
             x = x.astype(self.dtype)
-        maps = {"stem": self.stem(x, train)}
+        if fuses_dense_unit(self, self.stem, x, train):  # eval mode on CPU: layers/fused.py
+            maps = {"stem": dense_unit_inference(self.stem, x)}
+        else:
+            maps = {"stem": self.stem(x, train)}
         y = maps["stem"]
         specs = self.block_specs()
         for i, (block, (stage, *_)) in enumerate(zip(self.blocks, specs)):
@@ -230,12 +275,8 @@ class MobileNetV2(nn.Module):
         maps["head"] = self.head(y, train)
         return maps
 
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        """Logits ``(N, num_classes)`` for NHWC images ``(N, H, W, in_channels)``.
-
-        ``train=True`` uses batch statistics (pass ``mutable=['batch_stats']``) and
-        dropout (pass ``rngs={'dropout': key}``).
-        """
+    def _logits(self, x: jax.Array, train: bool) -> jax.Array:
+        # Through the public method, so capture_intermediates and interceptors see it.
         y = self.features(x, train)["head"]
         y = mean_pool(y, axis=(1, 2))
         if not self.num_classes:

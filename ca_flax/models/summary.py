@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from ca_flax import native
 from ca_flax.attention.common import GATE_SCOPE
 
 _MAC_PRIMITIVES = ("conv_general_dilated", "dot_general")
@@ -123,13 +124,18 @@ def summarize(model: nn.Module, input_shape: tuple[int, ...] = (1, 224, 224, 3),
     if depth < 1:
         raise ValueError(f"depth must be >= 1, got {depth}.")
     # Depthwise convolutions as one XLA op each, so they are costed as convolutions;
-    # the parameters and the arithmetic are the same for every implementation.
-    if "depthwise_impl" in {f.name for f in dataclasses.fields(model)}:
+    # the parameters and the arithmetic are the same for every implementation. The whole
+    # batch in one pass, and no native kernels: XLA's cost analysis sees every product.
+    fields = {f.name for f in dataclasses.fields(model)}
+    if "depthwise_impl" in fields:
         model = model.clone(depthwise_impl="xla")
+    if "eval_micro_batch" in fields:
+        model = model.clone(eval_micro_batch=None)
     x = jax.ShapeDtypeStruct(input_shape, jnp.float32)
-    variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0), x)
-    calls = _record_calls(model, variables, x, depth)
-    jaxpr = jax.make_jaxpr(functools.partial(model.apply, train=False))(variables, x)
+    with native.disabled():
+        variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0), x)
+        calls = _record_calls(model, variables, x, depth)
+        jaxpr = jax.make_jaxpr(functools.partial(model.apply, train=False))(variables, x)
 
     madds: dict[str, int] = defaultdict(int)
     for eqn, name_stack in _equations(jaxpr.jaxpr):

@@ -8,6 +8,13 @@ them all off.
 - :func:`depthwise_kernel_grad`: the depthwise convolution's kernel gradient in one sweep
   over the input and the output gradient (XLA:CPU: a window copy and a library
   multiply-sum per tap).
+- :func:`depthwise_inference`: a MobileNet block's depthwise unit in inference (the
+  previous BatchNorm and activation, the depthwise convolution, its BatchNorm and
+  activation, and the row and column sums attention blocks pool) in one pass over the
+  feature map (XLA:CPU: five).
+- :func:`dense_conv_inference`: a dense convolution with few input channels (the stem),
+  its BatchNorm and activation in inference, accumulated in registers per output pixel
+  (XLA:CPU: the windows copied out, a matmul, then a normalization pass).
 """
 
 from __future__ import annotations
@@ -16,9 +23,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ca_flax.native.loader import DISABLE_ENV, NativeBuildError, build, cache_dir, enabled, ffi_target
+from ca_flax.native.loader import DISABLE_ENV, NativeBuildError, build, cache_dir, disabled, enabled, ffi_target
 
-__all__ = ["DISABLE_ENV", "NativeBuildError", "build", "cache_dir", "enabled", "depthwise_kernel_grad", "depthwise_kernel_grad_target"]
+from typing import NamedTuple
+
+__all__ = [
+    "DISABLE_ENV", "NativeBuildError", "build", "cache_dir", "disabled", "enabled", "depthwise_kernel_grad",
+    "depthwise_kernel_grad_target", "EvalAffine", "depthwise_inference", "depthwise_inference_target",
+    "dense_conv_inference", "dense_conv_inference_target",
+]
+
+
+def _float32_target(target: str | None, kernel: str, *arrays: jax.Array) -> str:
+    """``target``, after checking that the kernel exists and the operands are float32."""
+    if target is None:
+        raise RuntimeError(f"The native {kernel} is unavailable (see ca_flax.native.loader).")
+    if any(a.dtype != jnp.float32 for a in arrays):
+        raise TypeError(f"The native {kernel} takes float32, got {', '.join(str(a.dtype) for a in arrays)}.")
+    return target
 
 
 def depthwise_kernel_grad_target() -> str | None:
@@ -33,11 +55,63 @@ def depthwise_kernel_grad(x: jax.Array, dy: jax.Array, kernel_hw: tuple[int, int
     ``k // 2`` on every side (PyTorch's). CPU only: the caller checks
     :func:`depthwise_kernel_grad_target` and the dtypes first.
     """
-    target = depthwise_kernel_grad_target()
-    if target is None:
-        raise RuntimeError("The native depthwise kernel gradient is unavailable (see ca_flax.native.loader).")
-    if x.dtype != jnp.float32 or dy.dtype != jnp.float32:
-        raise TypeError(f"The native depthwise kernel gradient takes float32, got {x.dtype} and {dy.dtype}.")
+    target = _float32_target(depthwise_kernel_grad_target(), "depthwise kernel gradient", x, dy)
     kh, kw = kernel_hw
     result = jax.ShapeDtypeStruct((kh, kw, 1, x.shape[-1]), jnp.float32)
     return jax.ffi.ffi_call(target, result, vmap_method="sequential")(x, dy, stride=np.int64(stride))
+
+
+class EvalAffine(NamedTuple):
+    """An inference BatchNorm as ``(x - mean) * mul + bias`` per channel, with
+    ``mul = scale / sqrt(var + eps)`` (float32 vectors of length C)."""
+
+    mean: jax.Array
+    mul: jax.Array
+    bias: jax.Array
+
+
+def depthwise_inference_target() -> str | None:
+    """The FFI target of the fused depthwise inference unit, or None where it is unavailable."""
+    return ffi_target("depthwise_inference", "CaFlaxDepthwiseInference")
+
+
+def depthwise_inference(
+    x: jax.Array, kernel: jax.Array, stride: int, in_affine: EvalAffine | None, in_relu6: bool,
+    out_affine: EvalAffine, out_relu6: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A depthwise unit in inference, in one pass: ``(y, row_sum, col_sum)``.
+
+    ``v = act_in(in_affine(x))`` (``v = x`` when ``in_affine`` is None), ``z`` the depthwise
+    convolution of ``v`` with the ``(kH, kW, 1, C)`` ``kernel`` at ``stride`` (padding
+    ``k // 2``, PyTorch's), ``y = act_out(out_affine(z))``; ``act`` is ReLU6 where the
+    flag is set, else the identity. ``row_sum`` (N, OH, C) sums ``y`` over its columns,
+    ``col_sum`` (N, OW, C) over its rows. Float32 on CPU only: the caller checks
+    :func:`depthwise_inference_target` first.
+    """
+    target = _float32_target(depthwise_inference_target(), "depthwise inference unit", x, kernel)
+    n, h, w, c = x.shape
+    oh, ow = (h - 1) // stride + 1, (w - 1) // stride + 1
+    identity = EvalAffine(*(jnp.zeros((c,), jnp.float32),) * 3)  # unused by the kernel
+    vectors = [v.astype(jnp.float32) for v in (*(in_affine or identity), *out_affine)]
+    results = (jax.ShapeDtypeStruct((n, oh, ow, c), jnp.float32), jax.ShapeDtypeStruct((n, oh, c), jnp.float32),
+               jax.ShapeDtypeStruct((n, ow, c), jnp.float32))
+    call = jax.ffi.ffi_call(target, results, vmap_method="sequential")
+    return call(x, kernel, *vectors, stride=np.int64(stride), in_affine=in_affine is not None,
+                in_relu6=bool(in_relu6), out_relu6=bool(out_relu6))
+
+
+def dense_conv_inference_target() -> str | None:
+    """The FFI target of the dense convolution inference unit, or None where it is unavailable."""
+    return ffi_target("dense_conv_inference", "CaFlaxDenseConvInference")
+
+
+def dense_conv_inference(x: jax.Array, kernel: jax.Array, stride: int, affine: EvalAffine, relu6: bool) -> jax.Array:
+    """``act(affine(conv(x, kernel)))`` for NHWC float32 ``x`` and an HWIO ``kernel`` of odd
+    size at ``stride``, padding ``k // 2`` (PyTorch's); ``act`` is ReLU6 or the identity.
+    Meant for few input channels (each output pixel reads ``kH * kW * Ci`` values into
+    registers). Float32 on CPU only: the caller checks :func:`dense_conv_inference_target`."""
+    target = _float32_target(dense_conv_inference_target(), "dense convolution inference unit", x, kernel)
+    n, h, w, _ = x.shape
+    result = jax.ShapeDtypeStruct((n, (h - 1) // stride + 1, (w - 1) // stride + 1, kernel.shape[-1]), jnp.float32)
+    call = jax.ffi.ffi_call(target, result, vmap_method="sequential")
+    return call(x, kernel, *(v.astype(jnp.float32) for v in affine), stride=np.int64(stride), relu6=bool(relu6))

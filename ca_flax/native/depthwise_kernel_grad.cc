@@ -15,14 +15,11 @@
 // depend on how many threads ran or which ran what.
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
-#include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -62,29 +59,6 @@ void AccumulateRows(const Problem& p, int64_t first, int64_t last, double* out) 
   }
 }
 
-// Work shared by the calling thread and XLA's intra-op pool. Chunks are claimed from a
-// counter, so the caller never waits on a task that has not started (no deadlock when the
-// pool is busy); the state is shared-owned because a late task may start after the call.
-struct Shared {
-  Problem problem;
-  int64_t rows, chunks;
-  std::vector<std::vector<double>> partial;  // one per chunk
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  std::mutex mu;
-  std::condition_variable all_done;
-};
-
-void Work(Shared& s) {
-  for (int64_t k = s.next.fetch_add(1); k < s.chunks; k = s.next.fetch_add(1)) {
-    AccumulateRows(s.problem, s.rows * k / s.chunks, s.rows * (k + 1) / s.chunks, s.partial[k].data());
-    if (s.done.fetch_add(1) + 1 == s.chunks) {
-      std::lock_guard<std::mutex> lock(s.mu);
-      s.all_done.notify_all();
-    }
-  }
-}
-
 constexpr int64_t kMaxChunks = 16;  // fixed, so the summation order is too
 
 ffi::Error DepthwiseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
@@ -103,24 +77,16 @@ ffi::Error DepthwiseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
         "depthwise kernel gradient: shapes do not match an NHWC input, its output gradient for stride " +
         std::to_string(stride) + " and an odd (kH, kW, 1, C) kernel");
   }
-  auto shared = std::make_shared<Shared>();
-  shared->problem = Problem{x.typed_data(), dy.typed_data(), h, w, c, oh, ow, kh, kw, stride};
-  shared->rows = n * oh;
-  shared->chunks = std::min<int64_t>(shared->rows, kMaxChunks);
-  shared->partial.assign(shared->chunks, std::vector<double>(kh * kw * c, 0.0));
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), shared->chunks) - 1;
-  for (int64_t t = 0; t < helpers; ++t) {
-    pool.Schedule([shared] { Work(*shared); });
-  }
-  Work(*shared);
-  {
-    std::unique_lock<std::mutex> lock(shared->mu);
-    shared->all_done.wait(lock, [&] { return shared->done.load() == shared->chunks; });
-  }
+  const Problem problem{x.typed_data(), dy.typed_data(), h, w, c, oh, ow, kh, kw, stride};
+  const int64_t rows = n * oh, chunks = std::min<int64_t>(rows, kMaxChunks);
+  std::vector<std::vector<double>> partial(chunks, std::vector<double>(kh * kw * c, 0.0));  // one per chunk
+  ca_flax::RunChunks(pool, chunks, [&](int64_t k) {
+    AccumulateRows(problem, rows * k / chunks, rows * (k + 1) / chunks, partial[k].data());
+  });
   float* result = out->typed_data();
   for (int64_t t = 0; t < kh * kw * c; ++t) {
     double sum = 0.0;
-    for (int64_t k = 0; k < shared->chunks; ++k) sum += shared->partial[k][t];
+    for (int64_t k = 0; k < chunks; ++k) sum += partial[k][t];
     result[t] = static_cast<float>(sum);
   }
   return ffi::Error::Success();

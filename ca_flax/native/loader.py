@@ -6,18 +6,21 @@ ships (``jax.ffi.include_dir()``), built with the system's C++ compiler (``$CXX`
 as ``torch.utils.cpp_extension.load`` and Triton do. The shared library goes to a cache
 directory (``$CA_FLAX_CACHE_DIR``, else ``$XDG_CACHE_HOME/ca_flax``, else
 ``~/.cache/ca_flax``) under a name that hashes the source, the flags, the compiler's
-version, jaxlib's version and the CPU's feature flags, so a changed source, toolchain or
+version, jaxlib's version and the CPU's feature flags (the package's headers count as source), so a changed source, toolchain or
 machine builds afresh. It is written under a temporary name and renamed into place, so a
 build that fails or is killed never leaves a file that looks valid; processes building at
 once each rename a complete file.
 
 Nothing here is required: with no compiler, a failed build or ``CA_FLAX_NATIVE=0`` the
-callers use their XLA formulation (a build failure warns once, with the compiler's
-message and how to silence it).
+callers use their XLA formulation (a build failure warns, with the compiler's message
+and how to silence it: once per process for a cause that fails every kernel alike, such
+as a missing compiler).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import hashlib
 import os
@@ -27,6 +30,7 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import jax
 import jaxlib
@@ -37,15 +41,34 @@ DISABLE_ENV = "CA_FLAX_NATIVE"
 
 _lock = threading.Lock()
 _targets: dict[tuple[str, str], str | None] = {}  # (source, symbol) -> FFI target or None
+_failures: set[str] = set()  # build failures already warned about, by cause
 
 
 class NativeBuildError(RuntimeError):
     """The C++ compiler is missing or failed; the message says which and how to fix it."""
 
 
+_disabled_here: contextvars.ContextVar[bool] = contextvars.ContextVar("ca_flax_native_disabled", default=False)
+
+
 def enabled() -> bool:
-    """False when ``CA_FLAX_NATIVE=0`` (or ``false``/``no``/``off``) turns the kernels off."""
+    """False when ``CA_FLAX_NATIVE=0`` (or ``false``/``no``/``off``) turns the kernels off,
+    or inside :func:`disabled`."""
+    if _disabled_here.get():
+        return False
     return os.environ.get(DISABLE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Functions traced inside this block use the XLA formulations (e.g. to count a
+    model's operations, as ``models/summary.py`` does). Like ``CA_FLAX_NATIVE=0``, it acts
+    when a function is traced: a function ``jax.jit`` already traced keeps its program."""
+    token = _disabled_here.set(True)
+    try:
+        yield
+    finally:
+        _disabled_here.reset(token)
 
 
 def cache_dir() -> Path:
@@ -80,7 +103,8 @@ def _cpu_flags() -> str:
 def _build_key(source: Path, compiler: str) -> str:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
     digest = hashlib.sha256()
-    for part in (source.read_bytes(), " ".join(FLAGS).encode(), version.encode(),
+    headers = b"".join(header.read_bytes() for header in sorted(SOURCE_DIR.glob("*.h")))
+    for part in (source.read_bytes(), headers, " ".join(FLAGS).encode(), version.encode(),
                  jaxlib.__version__.encode(), _cpu_flags().encode()):
         digest.update(part)
         digest.update(b"\0")
@@ -102,7 +126,7 @@ def build(name: str) -> Path:
     fd, partial = tempfile.mkstemp(prefix=f".{name}-", suffix=".so.partial", dir=target.parent)
     os.close(fd)
     try:
-        command = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(source), "-o", partial]
+        command = [compiler, *FLAGS, f"-I{SOURCE_DIR}", f"-I{jax.ffi.include_dir()}", str(source), "-o", partial]
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise NativeBuildError(
@@ -120,7 +144,7 @@ def ffi_target(name: str, symbol: str) -> str | None:
     """Registers handler ``symbol`` of ``<name>.cc`` as an XLA FFI target on CPU.
 
     Returns the target name, or None when the kernels are disabled or cannot be built
-    (warned once per kernel). Safe to call from several threads; builds at most once
+    (warned once per cause of failure). Safe to call from several threads; builds at most once
     per process.
     """
     if not enabled():
@@ -135,8 +159,12 @@ def _load(name: str, symbol: str) -> str | None:
     try:
         library = ctypes.CDLL(str(build(name)))
     except (NativeBuildError, OSError) as error:  # OSError: an unwritable cache, a library that will not load
-        warnings.warn(f"ca_flax: using the XLA formulation instead of the native kernel. {error}",
-                      RuntimeWarning, stacklevel=4)
+        # One warning per cause: a missing compiler or cache fails every kernel alike.
+        cause = str(error).replace(name, "<kernel>")
+        if cause not in _failures:
+            _failures.add(cause)
+            warnings.warn(f"ca_flax: using the XLA formulation instead of the native kernels. {error}",
+                          RuntimeWarning, stacklevel=4)
         return None
     target = f"ca_flax_{symbol}"
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")

@@ -1,0 +1,186 @@
+"""Inference fusions of MobileNet units, on CPU: the block's depthwise unit and the stem.
+
+In eval mode an inverted residual computes, after its expand matmul,
+
+    BatchNorm -> ReLU6 -> depthwise conv -> BatchNorm -> ReLU6 -> the attention's pools
+
+and all of it is local: each output pixel needs a 3x3 window of the expand output and
+two per-channel affine maps from the running statistics. XLA:CPU runs it as five passes
+over the block's widest map (measured per layer in README, Performance);
+:func:`depthwise_unit_inference` runs it as one native kernel
+(:func:`ca_flax.native.depthwise_inference`) that reads the expand output once and
+writes the unit's output and its row and column sums, which CA and SE pool from.
+
+The fused path is taken only where it computes what the modules would (same parameters
+and operations; float rounding differs in summation order, and BatchNorm is one
+multiply-add, ``x * mul + (bias - mean * mul)``, as PyTorch's CPU inference computes
+it), and where the kernel exists: see :func:`fuses_depthwise_unit`. Everywhere else, and with
+``CA_FLAX_NATIVE=0``, the modules run as written. The fused units stay differentiable
+(an eval-mode loss, as in fine-tuning with frozen BatchNorm, or an input gradient): the
+backward pass is that of the same math written in XLA (:func:`depthwise_unit_math`,
+:func:`dense_unit_math`), recomputed from the unit's inputs.
+
+The stem (a 3x3 convolution of the 3-channel image, BatchNorm, ReLU6) is the other
+unit XLA:CPU runs poorly at inference: it copies the 27 values of every window out for
+a matmul, then normalizes in another pass. :func:`dense_unit_inference` computes it in
+one native kernel that keeps each pixel's outputs in registers
+(:func:`ca_flax.native.dense_conv_inference`); :func:`fuses_dense_unit` says where.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from ca_flax import native
+from ca_flax.layers.activations import get_activation, relu6
+from ca_flax.layers.conv import ConvBNAct, conv2d
+from ca_flax.layers.depthwise import depthwise_conv
+from ca_flax.layers.pooling import DirectionalSums
+
+EvalAffine = native.EvalAffine
+
+
+def _relu6_flag(activation: Any) -> bool | None:
+    """True for ReLU6, False for no activation, None for anything the kernels lack."""
+    function = get_activation(activation)
+    if function is relu6:
+        return True
+    return False if function is get_activation(None) else None
+
+
+def _float32_unit(unit: ConvBNAct) -> bool:
+    return unit.dtype in (None, jnp.float32) and jnp.dtype(unit.param_dtype) == jnp.float32
+
+
+def _may_fuse(caller: nn.Module, unit: ConvBNAct, x: jax.Array, train: bool) -> bool:
+    """What every fusion needs: eval mode on an initialized model that records no
+    intermediates, float32, an activation the kernels have, the CPU backend."""
+    if train or caller.is_initializing() or caller.is_mutable_collection("intermediates"):
+        return False
+    if x.dtype != jnp.float32 or not _float32_unit(unit) or _relu6_flag(unit.activation) is None:
+        return False
+    return jax.default_backend() == "cpu"
+
+
+def _normalize(x: jax.Array, affine: EvalAffine, relu6_on: bool) -> jax.Array:
+    y = (x - affine.mean) * affine.mul + affine.bias  # BatchNorm's order of operations
+    return relu6(y) if relu6_on else y
+
+
+# -- depthwise unit ------------------------------------------------------------------
+
+
+def depthwise_unit_math(
+    x: jax.Array, kernel: jax.Array, in_affine: EvalAffine | None, out_affine: EvalAffine, stride: int,
+    in_relu6: bool, out_relu6: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """What :func:`ca_flax.native.depthwise_inference` computes, in XLA: ``(y, row_sum, col_sum)``."""
+    v = x if in_affine is None else _normalize(x, in_affine, in_relu6)
+    y = _normalize(depthwise_conv(v, kernel, stride, "auto"), out_affine, out_relu6)
+    return y, jnp.sum(y, axis=2), jnp.sum(y, axis=1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _depthwise_unit(x, kernel, in_affine, out_affine, stride, in_relu6, out_relu6):
+    return native.depthwise_inference(x, kernel, stride, in_affine, in_relu6, out_affine, out_relu6)
+
+
+def _depthwise_unit_fwd(x, kernel, in_affine, out_affine, stride, in_relu6, out_relu6):
+    return _depthwise_unit(x, kernel, in_affine, out_affine, stride, in_relu6, out_relu6), (x, kernel, in_affine, out_affine)
+
+
+def _depthwise_unit_bwd(stride, in_relu6, out_relu6, residuals, cotangents):
+    math = functools.partial(depthwise_unit_math, stride=stride, in_relu6=in_relu6, out_relu6=out_relu6)
+    return jax.vjp(math, *residuals)[1](cotangents)
+
+
+_depthwise_unit.defvjp(_depthwise_unit_fwd, _depthwise_unit_bwd)
+
+
+def fuses_depthwise_unit(caller: nn.Module, unit: ConvBNAct, producer: ConvBNAct | None, x: jax.Array,
+                         train: bool) -> bool:
+    """Whether :func:`depthwise_unit_inference` may replace ``unit(producer(x))``.
+
+    Needs: eval mode on an initialized model (``caller`` is the module making the call)
+    that records no intermediates; float32 throughout; the depthwise unit with
+    ``depthwise_impl='auto'`` (an explicit implementation is honoured as asked); ReLU6 or
+    no activation in both units; the CPU backend and a built kernel.
+    """
+    if not _may_fuse(caller, unit, x, train) or unit.kind != "depthwise" or unit.depthwise_impl != "auto":
+        return False
+    if producer is not None and (not _float32_unit(producer) or _relu6_flag(producer.activation) is None):
+        return False
+    return native.depthwise_inference_target() is not None
+
+
+def depthwise_unit_inference(
+    unit: ConvBNAct, producer: ConvBNAct | None, x: jax.Array
+) -> tuple[jax.Array, DirectionalSums]:
+    """``unit(producer(x), train=False)`` (``unit(x)`` without a producer) in one native
+    kernel after ``producer``'s convolution, with the output's row and column sums.
+    Check :func:`fuses_depthwise_unit` first."""
+    in_affine, in_relu6 = None, False
+    if producer is not None:
+        x = producer.convolve(x)
+        in_affine, in_relu6 = EvalAffine(*producer.bn.eval_affine()), bool(_relu6_flag(producer.activation))
+    kernel = unit.conv.variables["params"]["kernel"].astype(jnp.float32)
+    out_affine = EvalAffine(*unit.bn.eval_affine())
+    with jax.named_scope("fused_depthwise_unit"):  # a row of its own in benchmarks/profile_step.py
+        y, rows, cols = _depthwise_unit(x, kernel, in_affine, out_affine, unit.stride, in_relu6,
+                                        bool(_relu6_flag(unit.activation)))
+    return y, DirectionalSums(rows, cols)
+
+
+# -- dense unit (the stem) -----------------------------------------------------------
+
+# A dense unit is fused when a window (kH * kW * Ci values) is at most this wide: the
+# kernel broadcasts every window value against the output channels, which pays off for
+# a stem's few input channels; wider windows are a library matmul's job.
+MAX_FUSED_WINDOW = 64
+
+
+def dense_unit_math(x: jax.Array, kernel: jax.Array, affine: EvalAffine, stride: int, relu6_on: bool) -> jax.Array:
+    """What :func:`ca_flax.native.dense_conv_inference` computes, in XLA."""
+    return _normalize(conv2d(x, kernel, stride), affine, relu6_on)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _dense_unit(x, kernel, affine, stride, relu6_on):
+    return native.dense_conv_inference(x, kernel, stride, affine, relu6_on)
+
+
+def _dense_unit_fwd(x, kernel, affine, stride, relu6_on):
+    return _dense_unit(x, kernel, affine, stride, relu6_on), (x, kernel, affine)
+
+
+def _dense_unit_bwd(stride, relu6_on, residuals, cotangent):
+    math = functools.partial(dense_unit_math, stride=stride, relu6_on=relu6_on)
+    return jax.vjp(math, *residuals)[1](cotangent)
+
+
+_dense_unit.defvjp(_dense_unit_fwd, _dense_unit_bwd)
+
+
+def fuses_dense_unit(caller: nn.Module, unit: ConvBNAct, x: jax.Array, train: bool) -> bool:
+    """Whether :func:`dense_unit_inference` may replace ``unit(x)``: as
+    :func:`fuses_depthwise_unit`, for a ``kind='full'`` unit of odd size whose windows
+    hold at most ``MAX_FUSED_WINDOW`` values."""
+    if not _may_fuse(caller, unit, x, train) or unit.kind != "full" or unit.kernel_size % 2 == 0:
+        return False
+    if unit.kernel_size**2 * x.shape[-1] > MAX_FUSED_WINDOW:
+        return False
+    return native.dense_conv_inference_target() is not None
+
+
+def dense_unit_inference(unit: ConvBNAct, x: jax.Array) -> jax.Array:
+    """``unit(x, train=False)`` for a ``kind='full'`` unit, in one native kernel. Check
+    :func:`fuses_dense_unit` first."""
+    kernel = unit.conv.variables["params"]["kernel"].astype(jnp.float32)
+    with jax.named_scope("fused_dense_unit"):
+        return _dense_unit(x, kernel, EvalAffine(*unit.bn.eval_affine()), unit.stride,
+                           bool(_relu6_flag(unit.activation)))

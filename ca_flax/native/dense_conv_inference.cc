@@ -1,0 +1,156 @@
+// A dense convolution unit with few input channels (a network's stem) for inference on
+// CPU, as one XLA FFI custom call:
+//
+//   y[n, i, j, o] = act((sum over a, b, ci of x_padded[n, s*i + a, s*j + b, ci] * kernel[a, b, ci, o]
+//                        - mean[o]) * mul[o] + bias[o])
+//
+// for NHWC float32 x (N, H, W, Ci), an odd (kH, kW, Ci, Co) kernel, stride s, symmetric
+// zero padding kH // 2, kW // 2 (PyTorch's Conv2d(padding=k // 2)), the unit's inference
+// BatchNorm and ReLU6 or no activation.
+//
+// Why: with 3 input channels a library matmul needs the windows copied out first (27
+// values per output pixel, more bytes than the image), and XLA:CPU then normalizes the
+// output in another pass. Here each output pixel's Co channels are accumulated in
+// registers, one broadcast input value times one kernel row per tap, and normalized
+// before they are stored: one read of the image, one write of the output.
+//
+// Rounding: taps are summed in (a, b, ci) order in float32; BatchNorm as
+// x * mul + (bias - mean * mul), as PyTorch's CPU inference kernel folds it.
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "parallel.h"
+#include "vec.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using ca_flax::Act;
+using ca_flax::Affine;
+using ca_flax::kLanes;
+using ca_flax::Load;
+using ca_flax::Splat;
+using ca_flax::Store;
+using ca_flax::Vec;
+
+struct Problem {
+  const float* x;
+  const float* kernel;  // (kH, kW, Ci, Co)
+  const Affine& bn;
+  float* y;
+  int64_t h, w, ci, co, oh, ow, kh, kw, stride;
+};
+
+constexpr int64_t kVectors = 4;  // output channels per register block: 4 x 8
+
+// Output channels [o0, o0 + vectors * kLanes) of pixel j of the output row whose input
+// rows are `rows` (kH padded rows, nullptr where the row is padding).
+template <bool kRelu6, int64_t kCount>
+void Pixel(const Problem& p, const float* const* rows, int64_t j, int64_t o0, float* out) {
+  Vec acc[kCount];
+  for (int64_t v = 0; v < kCount; ++v) acc[v] = Splat(0.0f);
+  for (int64_t a = 0; a < p.kh; ++a) {
+    if (rows[a] == nullptr) continue;
+    const float* in = rows[a] + p.stride * j * p.ci;
+    const float* kern = p.kernel + a * p.kw * p.ci * p.co + o0;
+    for (int64_t t = 0; t < p.kw * p.ci; ++t) {  // (b, ci) are contiguous in both
+      const Vec value = Splat(in[t]);
+      for (int64_t v = 0; v < kCount; ++v) acc[v] += value * Load(kern + t * p.co + v * kLanes);
+    }
+  }
+  for (int64_t v = 0; v < kCount; ++v) Store(out + o0 + v * kLanes, Act<kRelu6>(p.bn(acc[v], o0 + v * kLanes)));
+}
+
+template <bool kRelu6>
+void Row(const Problem& p, const float* const* rows, float* out_row) {
+  for (int64_t j = 0; j < p.ow; ++j) {
+    float* out = out_row + j * p.co;
+    int64_t o0 = 0;
+    for (; o0 + kVectors * kLanes <= p.co; o0 += kVectors * kLanes) Pixel<kRelu6, kVectors>(p, rows, j, o0, out);
+    for (; o0 + kLanes <= p.co; o0 += kLanes) Pixel<kRelu6, 1>(p, rows, j, o0, out);
+    for (; o0 < p.co; ++o0) {  // channels past the last multiple of 8
+      float acc = 0.0f;
+      for (int64_t a = 0; a < p.kh; ++a) {
+        if (rows[a] == nullptr) continue;
+        const float* in = rows[a] + p.stride * j * p.ci;
+        for (int64_t t = 0; t < p.kw * p.ci; ++t) acc += in[t] * p.kernel[(a * p.kw * p.ci + t) * p.co + o0];
+      }
+      out[o0] = Act<kRelu6>(p.bn(acc, o0));
+    }
+  }
+}
+
+// Output rows [first, last) of `image`.
+void ComputeRows(const Problem& p, bool relu6, int64_t image, int64_t first, int64_t last) {
+  const int64_t pad_w = p.kw / 2, padded = (p.w + 2 * pad_w) * p.ci;
+  std::vector<float> buffer(p.kh * padded, 0.0f);  // zero columns at both ends stay zero
+  std::vector<const float*> rows(p.kh);
+  for (int64_t i = first; i < last; ++i) {
+    for (int64_t a = 0; a < p.kh; ++a) {
+      const int64_t row = p.stride * i + a - p.kh / 2;
+      if (row < 0 || row >= p.h) {
+        rows[a] = nullptr;
+        continue;
+      }
+      float* dst = buffer.data() + a * padded;
+      std::copy_n(p.x + (image * p.h + row) * p.w * p.ci, p.w * p.ci, dst + pad_w * p.ci);
+      rows[a] = dst;
+    }
+    float* out_row = p.y + (image * p.oh + i) * p.ow * p.co;
+    if (relu6) {
+      Row<true>(p, rows.data(), out_row);
+    } else {
+      Row<false>(p, rows.data(), out_row);
+    }
+  }
+}
+
+constexpr int64_t kMinChunks = 8;  // enough chunks for every thread, even for one image
+
+ffi::Error DenseConvInference(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
+                              ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> mul, ffi::Buffer<ffi::F32> bias,
+                              ffi::ResultBuffer<ffi::F32> y, int64_t stride, bool relu6) {
+  auto xd = x.dimensions();
+  auto kd = kernel.dimensions();
+  auto yd = y->dimensions();
+  if (xd.size() != 4 || kd.size() != 4 || yd.size() != 4) {
+    return ffi::Error::InvalidArgument("dense conv inference: x, kernel and y must be rank 4");
+  }
+  const int64_t n = xd[0], h = xd[1], w = xd[2], ci = xd[3];
+  const int64_t kh = kd[0], kw = kd[1], co = kd[3], oh = yd[1], ow = yd[2];
+  bool vectors_ok = true;
+  for (auto* v : {&mean, &mul, &bias}) vectors_ok = vectors_ok && v->dimensions().size() == 1 && v->dimensions()[0] == co;
+  if (kd[2] != ci || kh % 2 == 0 || kw % 2 == 0 || stride < 1 || yd[0] != n || yd[3] != co ||
+      oh != (h - 1) / stride + 1 || ow != (w - 1) / stride + 1 || !vectors_ok) {
+    return ffi::Error::InvalidArgument(
+        "dense conv inference: shapes do not match an NHWC input, an odd (kH, kW, Ci, Co) kernel, BatchNorm "
+        "vectors of length Co and an output (N, OH, OW, Co) for stride " + std::to_string(stride));
+  }
+  if (n == 0 || oh == 0 || ow == 0 || co == 0) return ffi::Error::Success();
+  const Affine bn(mean.typed_data(), mul.typed_data(), bias.typed_data(), co);
+  const Problem p{x.typed_data(), kernel.typed_data(), bn, y->typed_data(), h, w, ci, co, oh, ow, kh, kw, stride};
+  ca_flax::RunRowChunks(pool, n, oh, ca_flax::RowChunksPerImage(n, oh, kMinChunks),
+                        [&](int64_t, int64_t image, int64_t first, int64_t last) {
+                          ComputeRows(p, relu6, image, first, last);
+                        });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CaFlaxDenseConvInference, DenseConvInference,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // kernel
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // mean
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // mul
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y
+                                  .Attr<int64_t>("stride")
+                                  .Attr<bool>("relu6"));

@@ -1,0 +1,189 @@
+"""Inference fusions (``layers/fused.py``, the native inference kernels): the same values
+and gradients as the modules they replace, taken only where they apply."""
+
+from __future__ import annotations
+
+import functools
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ca_flax import native
+from ca_flax.layers import fused
+from ca_flax.models import create_model
+
+requires_kernels = pytest.mark.skipif(
+    native.depthwise_inference_target() is None or native.dense_conv_inference_target() is None,
+    reason="the native kernels cannot be built here (no C++ compiler, or CA_FLAX_NATIVE=0)",
+)
+TARGETS = ("CaFlaxDepthwiseInference", "CaFlaxDenseConvInference")
+
+
+def _affine(key, channels):
+    k1, k2, k3 = jax.random.split(key, 3)
+    return fused.EvalAffine(jax.random.normal(k1, (channels,)), jax.random.uniform(k2, (channels,), minval=0.5, maxval=2.0),
+                            jax.random.normal(k3, (channels,)))
+
+
+def _close(got, want, rtol=1e-5):
+    got, want = np.asarray(got), np.asarray(want)
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * max(1.0, float(np.abs(want).max())))
+
+
+@requires_kernels
+@pytest.mark.parametrize(
+    "shape, k, stride, in_affine, in_relu6, out_relu6",
+    [((2, 9, 7, 20), 3, 1, True, True, True), ((3, 10, 11, 33), 3, 2, True, False, True),
+     ((1, 7, 7, 16), 5, 1, False, False, False), ((2, 8, 8, 24), 3, 3, True, True, False),
+     ((1, 1, 1, 5), 3, 1, True, True, True), ((4, 3, 2, 8), 3, 2, False, False, True)],
+)
+def test_depthwise_inference_equals_its_xla_math(shape, k, stride, in_affine, in_relu6, out_relu6):
+    keys = jax.random.split(jax.random.PRNGKey(sum(shape) + k), 4)
+    c = shape[-1]
+    x = 3 * jax.random.normal(keys[0], shape)
+    kernel = jax.random.normal(keys[1], (k, k, 1, c))
+    a_in = _affine(keys[2], c) if in_affine else None
+    a_out = _affine(keys[3], c)
+    got = jax.jit(native.depthwise_inference, static_argnums=(2, 4, 6))(x, kernel, stride, a_in, in_relu6, a_out, out_relu6)
+    want = fused.depthwise_unit_math(x, kernel, a_in, a_out, stride, in_relu6, out_relu6)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == jnp.float32
+        _close(g, w)
+
+
+@requires_kernels
+@pytest.mark.parametrize(
+    "shape, k, out, stride, relu6",
+    [((2, 16, 16, 3), 3, 32, 2, True), ((1, 9, 7, 3), 3, 13, 1, False), ((2, 5, 6, 2), 5, 40, 2, True),
+     ((1, 1, 1, 3), 3, 8, 2, True)],
+)
+def test_dense_conv_inference_equals_its_xla_math(shape, k, out, stride, relu6):
+    keys = jax.random.split(jax.random.PRNGKey(sum(shape) + out), 3)
+    x = jax.random.normal(keys[0], shape)
+    kernel = jax.random.normal(keys[1], (k, k, shape[-1], out))
+    affine = _affine(keys[2], out)
+    got = jax.jit(native.dense_conv_inference, static_argnums=(2, 4))(x, kernel, stride, affine, relu6)
+    want = fused.dense_unit_math(x, kernel, affine, stride, relu6)
+    assert got.shape == want.shape
+    _close(got, want)
+
+
+def test_bad_shapes_are_named_errors():
+    if native.depthwise_inference_target() is None:
+        pytest.skip("no native kernels here")
+    a = fused.EvalAffine(*(jnp.zeros((4,)),) * 3)
+    with pytest.raises(Exception, match="depthwise inference: shapes do not match"):
+        jax.block_until_ready(native.depthwise_inference(jnp.ones((1, 5, 5, 3)), jnp.ones((3, 3, 1, 3)), 1, None, False,
+                                                         a, False))
+
+
+def _tiny(attention, **kwargs):
+    return create_model("mobilenetv2", attention=attention, width_mult=0.25, stage_repeats=(1, 2, 1, 1, 1, 1, 1),
+                        num_classes=10, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _variables(attention):
+    """Initialized variables with BatchNorm statistics and parameters away from their
+    initial values, so every affine map matters."""
+    variables = _tiny(attention).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+
+    def perturb(path, leaf):
+        key = jax.random.PRNGKey(zlib.crc32(jax.tree_util.keystr(path).encode()))
+        leaf = leaf * (1 + 0.2 * jax.random.normal(key, leaf.shape)) + 0.05 * jax.random.normal(key, leaf.shape)
+        return jnp.abs(leaf) if jax.tree_util.keystr(path).endswith("['var']") else leaf
+
+    return jax.tree_util.tree_map_with_path(perturb, variables)
+
+
+def _images(n=3):
+    return jax.random.normal(jax.random.PRNGKey(2), (n, 32, 32, 3))
+
+
+def _unfused(model, variables, x):
+    """The modules as written: recording intermediates turns the fusions off."""
+    return model.apply(variables, x, mutable=["intermediates"])[0]
+
+
+@requires_kernels
+@pytest.mark.parametrize("attention", ["ca", "se", "cbam", None])
+def test_fused_eval_model_equals_the_modules(attention):
+    model, variables, x = _tiny(attention), _variables(attention), _images()
+    text = jax.jit(model.apply).lower(variables, x).as_text()
+    assert all(target in text for target in TARGETS)
+    _close(jax.jit(model.apply)(variables, x), jax.jit(functools.partial(_unfused, model))(variables, x), rtol=2e-5)
+
+
+@requires_kernels
+def test_fused_features_equal_the_modules():
+    model, variables, x = _tiny("ca"), _variables("ca"), _images(2)
+    got = jax.jit(functools.partial(model.apply, method=model.features))(variables, x)
+    want = model.apply(variables, x, method=model.features, mutable=["intermediates"])[0]
+    for name in want:
+        _close(got[name], want[name], rtol=2e-5)
+
+
+@requires_kernels
+def test_gradients_of_an_eval_mode_loss_through_the_fused_units():
+    """Frozen-BatchNorm fine-tuning and input gradients differentiate the eval model."""
+    model, variables, x = _tiny("ca"), _variables("ca"), _images(2)
+
+    def loss(params, x, apply):
+        return jnp.sum(apply({**variables, "params": params}, x) ** 2)
+
+    fused_apply = model.apply
+    plain_apply = functools.partial(_unfused, model)
+    for argnum in (0, 1):
+        got = jax.jit(jax.grad(loss, argnum), static_argnums=2)(variables["params"], x, fused_apply)
+        want = jax.jit(jax.grad(loss, argnum), static_argnums=2)(variables["params"], x, plain_apply)
+        for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+            _close(g, w, rtol=1e-4)
+
+
+@requires_kernels
+@pytest.mark.parametrize(
+    "case", ["train", "bfloat16", "explicit depthwise impl", "hard_swish", "intermediates", "init"]
+)
+def test_fusions_are_skipped_where_they_do_not_apply(case):
+    model, variables, x = _tiny("ca"), _variables("ca"), _images(2)
+    kwargs = {}
+    if case == "bfloat16":
+        model = _tiny("ca", dtype=jnp.bfloat16)
+    elif case == "explicit depthwise impl":
+        model = _tiny("ca", depthwise_impl="shift_vjp")
+    elif case == "hard_swish":
+        model = _tiny("ca", activation="hard_swish")
+    elif case == "train":
+        kwargs = dict(train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(0)})
+    elif case == "intermediates":
+        kwargs = dict(mutable=["intermediates"])
+    if case == "init":
+        text = jax.jit(model.init).lower(jax.random.PRNGKey(0), x).as_text()
+    else:
+        text = jax.jit(functools.partial(model.apply, **kwargs)).lower(variables, x).as_text()
+    depthwise_fused = "CaFlaxDepthwiseInference" in text
+    assert not depthwise_fused
+    # The stem has no depthwise option: it is still fused there.
+    assert ("CaFlaxDenseConvInference" in text) == (case == "explicit depthwise impl")
+
+
+@requires_kernels
+def test_native_off_runs_the_modules(monkeypatch):
+    monkeypatch.setenv(native.DISABLE_ENV, "0")
+    model, variables, x = _tiny("ca"), _variables("ca"), _images(2)
+    text = jax.jit(model.apply).lower(variables, x).as_text()
+    assert not any(target in text for target in TARGETS)
+
+
+def test_sums_of_the_wrong_shape_are_a_named_error():
+    from ca_flax.attention import CoordinateAttention
+    from ca_flax.layers.pooling import DirectionalSums
+
+    block = CoordinateAttention()
+    x = jnp.ones((1, 4, 6, 8))
+    variables = block.init(jax.random.PRNGKey(0), x)
+    with pytest.raises(ValueError, match="row sums"):
+        block.apply(variables, x, sums=DirectionalSums(jnp.ones((1, 6, 8)), jnp.ones((1, 4, 8))))
