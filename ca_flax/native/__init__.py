@@ -19,13 +19,13 @@ them all off.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ca_flax.native.loader import DISABLE_ENV, NativeBuildError, build, cache_dir, disabled, enabled, ffi_target
-
-from typing import NamedTuple
 
 __all__ = [
     "DISABLE_ENV", "NativeBuildError", "build", "cache_dir", "disabled", "enabled", "depthwise_kernel_grad",

