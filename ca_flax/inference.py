@@ -36,7 +36,7 @@ try:
 except ImportError:  # jax < 0.6
     from jax.experimental.shard_map import shard_map
 
-from ca_flax.models.micro_batch import pad_rows
+from ca_flax.models.micro_batch import check_micro_batch, map_micro_batches, pad_rows
 from ca_flax.training.parallel import DATA_AXIS, make_mesh
 
 # Per-device micro-batch that micro_batch='auto' picks, by backend (None: the whole
@@ -86,24 +86,17 @@ def resolve_micro_batch(micro_batch: int | str | None, backend: str | None = Non
     """The per-device micro-batch size ``'auto'`` stands for on ``backend`` (default: JAX's)."""
     if micro_batch == "auto":
         return _AUTO_MICRO_BATCH.get(backend or jax.default_backend())
-    if micro_batch is not None and (isinstance(micro_batch, bool) or not isinstance(micro_batch, int)
-                                    or micro_batch < 1):
-        raise ValueError(f"micro_batch={micro_batch!r}: use a positive int, None (whole batch) or 'auto'.")
-    return micro_batch
+    return check_micro_batch(micro_batch, "micro_batch")
 
 
 def _in_micro_batches(apply: PredictFn, micro_batch: int | None) -> PredictFn:
-    """``apply`` over the leading axis ``micro_batch`` rows at a time, sequentially (the
-    rows zero-padded to a multiple of ``micro_batch``, the padding's outputs dropped)."""
+    """``apply`` over the leading axis at most ``micro_batch`` rows at a time, sequentially
+    (``models/micro_batch.map_micro_batches``: equal steps, the padding's outputs dropped)."""
 
     def run(variables, images):
-        rows = images.shape[0]
-        if micro_batch is None or rows <= micro_batch:
+        if micro_batch is None or images.shape[0] <= micro_batch:
             return apply(variables, images)
-        count = -(-rows // micro_batch)
-        chunks = pad_rows(images, count * micro_batch).reshape(count, micro_batch, *images.shape[1:])
-        out = lax.map(lambda chunk: apply(variables, chunk), chunks)
-        return jax.tree_util.tree_map(lambda y: y.reshape(count * micro_batch, *y.shape[2:])[:rows], out)
+        return map_micro_batches(images, micro_batch, lambda chunks: lax.map(lambda c: apply(variables, c), chunks))
 
     return run
 
@@ -116,7 +109,7 @@ def predict_fn(
     The batch is split over ``mesh``'s ``data`` axis (default: every device, as the
     trainer's mesh) and each device runs its rows ``micro_batch`` at a time. Any batch
     size works: rows are zero-padded (to a multiple of the device count, then on each
-    device to a multiple of ``micro_batch``) and the padding's outputs dropped.
+    device to equal steps of at most ``micro_batch``) and the padding's outputs dropped.
     ``variables`` are used replicated. Call it inside your own ``jax.jit`` (as the
     trainer's evaluation does) or use :func:`make_predictor`.
 

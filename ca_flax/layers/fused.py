@@ -18,7 +18,8 @@ it), and where the kernel exists: see :func:`fuses_depthwise_unit`. Everywhere e
 ``CA_FLAX_NATIVE=0``, the modules run as written. The fused units stay differentiable
 (an eval-mode loss, as in fine-tuning with frozen BatchNorm, or an input gradient): the
 backward pass is that of the same math written in XLA (:func:`depthwise_unit_math`,
-:func:`dense_unit_math`), recomputed from the unit's inputs.
+:func:`dense_unit_math`), recomputed from the unit's inputs
+(``layers/recompute.recompute_in_backward`` with the kernel as its forward pass).
 
 The stem (a 3x3 convolution of the 3-channel image, BatchNorm, ReLU6) is the other
 unit XLA:CPU runs poorly at inference: it copies the 27 values of every window out for
@@ -29,7 +30,6 @@ one native kernel that keeps each pixel's outputs in registers
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -41,6 +41,7 @@ from ca_flax.layers.activations import get_activation, relu6
 from ca_flax.layers.conv import ConvBNAct, conv2d
 from ca_flax.layers.depthwise import depthwise_conv
 from ca_flax.layers.pooling import DirectionalSums
+from ca_flax.layers.recompute import recompute_in_backward
 
 EvalAffine = native.EvalAffine
 
@@ -85,21 +86,12 @@ def depthwise_unit_math(
     return y, jnp.sum(y, axis=2), jnp.sum(y, axis=1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _depthwise_unit(x, kernel, in_affine, out_affine, stride, in_relu6, out_relu6):
-    return native.depthwise_inference(x, kernel, stride, in_affine, in_relu6, out_affine, out_relu6)
-
-
-def _depthwise_unit_fwd(x, kernel, in_affine, out_affine, stride, in_relu6, out_relu6):
-    return _depthwise_unit(x, kernel, in_affine, out_affine, stride, in_relu6, out_relu6), (x, kernel, in_affine, out_affine)
-
-
-def _depthwise_unit_bwd(stride, in_relu6, out_relu6, residuals, cotangents):
-    math = functools.partial(depthwise_unit_math, stride=stride, in_relu6=in_relu6, out_relu6=out_relu6)
-    return jax.vjp(math, *residuals)[1](cotangents)
-
-
-_depthwise_unit.defvjp(_depthwise_unit_fwd, _depthwise_unit_bwd)
+# The native kernel forward; the XLA math, recomputed, differentiated backward.
+_depthwise_unit = recompute_in_backward(
+    depthwise_unit_math, static_argnums=(4, 5, 6),
+    forward=lambda x, kernel, in_affine, out_affine, stride, in_relu6, out_relu6: native.depthwise_inference(
+        x, kernel, stride, in_affine, in_relu6, out_affine, out_relu6),
+)
 
 
 def fuses_depthwise_unit(caller: nn.Module, unit: ConvBNAct, producer: ConvBNAct | None, x: jax.Array,
@@ -128,7 +120,7 @@ def depthwise_unit_inference(
     if producer is not None:
         x = producer.convolve(x)
         in_affine, in_relu6 = EvalAffine(*producer.bn.eval_affine()), bool(_relu6_flag(producer.activation))
-    kernel = unit.conv.variables["params"]["kernel"].astype(jnp.float32)
+    kernel = unit.conv.variables["params"]["kernel"].astype(jnp.float32)  # as the vectors: whatever was loaded
     out_affine = EvalAffine(*unit.bn.eval_affine())
     with jax.named_scope("fused_depthwise_unit"):  # a row of its own in benchmarks/profile_step.py
         y, rows, cols = _depthwise_unit(x, kernel, in_affine, out_affine, unit.stride, in_relu6,
@@ -149,21 +141,10 @@ def dense_unit_math(x: jax.Array, kernel: jax.Array, affine: EvalAffine, stride:
     return _normalize(conv2d(x, kernel, stride), affine, relu6_on)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _dense_unit(x, kernel, affine, stride, relu6_on):
-    return native.dense_conv_inference(x, kernel, stride, affine, relu6_on)
-
-
-def _dense_unit_fwd(x, kernel, affine, stride, relu6_on):
-    return _dense_unit(x, kernel, affine, stride, relu6_on), (x, kernel, affine)
-
-
-def _dense_unit_bwd(stride, relu6_on, residuals, cotangent):
-    math = functools.partial(dense_unit_math, stride=stride, relu6_on=relu6_on)
-    return jax.vjp(math, *residuals)[1](cotangent)
-
-
-_dense_unit.defvjp(_dense_unit_fwd, _dense_unit_bwd)
+_dense_unit = recompute_in_backward(
+    dense_unit_math, static_argnums=(3, 4),
+    forward=lambda x, kernel, affine, stride, relu6_on: native.dense_conv_inference(x, kernel, stride, affine, relu6_on),
+)
 
 
 def fuses_dense_unit(caller: nn.Module, unit: ConvBNAct, x: jax.Array, train: bool) -> bool:

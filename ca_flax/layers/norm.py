@@ -99,14 +99,20 @@ def _moments_bwd(axes, residuals, cotangents):
 batch_moments.defvjp(_moments_fwd, _moments_bwd)
 
 
+def _rstd_and_mul(var, scale, epsilon):
+    """``1 / sqrt(var + eps)`` and its product with ``scale``, in ``var``'s dtype."""
+    rstd = lax.rsqrt(lax.add(var, _const(epsilon, var)))
+    return rstd, lax.mul(rstd, scale.astype(var.dtype))
+
+
 def _affine(x, mean, var, scale, bias, axis, epsilon):
     """``(x - mean) * (rsqrt(var + eps) * scale) + bias`` in the statistics' dtype, with
     the parts the backward pass reuses: ``(pre_activation, centred, mul, rstd)``. One
     expression for both passes, so the activation's gradient is taken at exactly the
     forward pass's values (ReLU6's kinks included)."""
     stat_dtype = mean.dtype
-    rstd = lax.rsqrt(lax.add(var, _const(epsilon, var)))
-    mul = _per_channel(lax.mul(rstd, scale.astype(stat_dtype)), x, axis)
+    rstd, mul = _rstd_and_mul(var, scale, epsilon)
+    mul = _per_channel(mul, x, axis)
     centred = lax.sub(x.astype(stat_dtype), _per_channel(mean, x, axis))
     pre = lax.add(lax.mul(centred, mul), _per_channel(bias.astype(stat_dtype), x, axis))
     return pre, centred, mul, rstd
@@ -249,5 +255,5 @@ class BatchNorm(nn.Module):
         if mean is None or scale is None:
             raise ValueError("BatchNorm.eval_affine needs the layer's variables: initialize the model first.")
         stat_dtype = jnp.promote_types(mean.dtype, jnp.float32)
-        rstd = lax.rsqrt(lax.add(var.astype(stat_dtype), _const(self.epsilon, var.astype(stat_dtype))))
-        return mean.astype(stat_dtype), lax.mul(rstd, scale.astype(stat_dtype)), bias.astype(stat_dtype)
+        _, mul = _rstd_and_mul(var.astype(stat_dtype), scale, self.epsilon)
+        return mean.astype(stat_dtype), mul, bias.astype(stat_dtype)

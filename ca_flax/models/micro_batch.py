@@ -40,12 +40,18 @@ def resolve_eval_micro_batch(setting: MicroBatch, backend: str | None = None) ->
         if backend not in AUTO_EVAL_MICRO_BATCH or jax.device_count(backend) != 1:
             return None
         return AUTO_EVAL_MICRO_BATCH[backend]
+    return check_micro_batch(setting, "eval_micro_batch")
+
+
+def check_micro_batch(setting: MicroBatch, name: str) -> int | None:
+    """``setting`` if it is a positive int or None; a ValueError naming ``name`` otherwise
+    (``'auto'`` is resolved by the caller, per backend)."""
     if setting is not None and (isinstance(setting, bool) or not isinstance(setting, int) or setting < 1):
-        raise ValueError(f"eval_micro_batch={setting!r}: use a positive int, None (whole batch) or 'auto'.")
+        raise ValueError(f"{name}={setting!r}: use a positive int, None (whole batch) or 'auto'.")
     return setting
 
 
-def micro_batches_apply(module: nn.Module, setting: MicroBatch, x: jax.Array, train: bool) -> int | None:
+def eval_micro_batch_size(module: nn.Module, setting: MicroBatch, x: jax.Array, train: bool) -> int | None:
     """The micro-batch size ``module`` should run ``x`` in, or None for one pass: eval mode
     on an initialized model with no mutable collections (a scan shares the variables
     read-only), a batch larger than the micro-batch."""
@@ -64,21 +70,32 @@ def pad_rows(x: jax.Array, rows: int) -> jax.Array:
     return lax.pad(x, np.zeros((), x.dtype), [(0, rows - x.shape[0], 0)] + [(0, 0, 0)] * (x.ndim - 1))
 
 
-def in_micro_batches(module: nn.Module, fn: Callable[[nn.Module, jax.Array], Any], x: jax.Array, size: int) -> Any:
-    """``fn(module, x)`` computed over the leading axis of ``x`` at most ``size`` rows at a
-    time, sequentially, the variables shared. The batch is split into equal steps
-    (``ceil(N / size)`` of them, rows zero-padded to a multiple); the padding's outputs
-    are dropped. ``fn``'s outputs must have the batch as their leading axis."""
+def map_micro_batches(x: jax.Array, size: int, map_chunks: Callable[[jax.Array], Any]) -> Any:
+    """Splits the leading axis of ``x`` into equal steps of at most ``size`` rows
+    (``ceil(N / size)`` of them, rows zero-padded to a multiple), maps them with
+    ``map_chunks`` (``(steps, step, ...)`` in, outputs stacked the same way out), and
+    returns the outputs merged back, the padding's dropped."""
     rows = x.shape[0]
     steps = -(-rows // size)
     step = -(-rows // steps)  # balanced: 33 rows at size 8 run as 5 steps of 7
-    chunks = pad_rows(x, steps * step).reshape(steps, step, *x.shape[1:])
-    scan = nn.scan(lambda mdl, carry, chunk: (carry, fn(mdl, chunk)), variable_broadcast=True, split_rngs={},
-                   length=steps)
-    _, out = scan(module, None, chunks)
+    out = map_chunks(pad_rows(x, steps * step).reshape(steps, step, *x.shape[1:]))
     return jax.tree_util.tree_map(lambda y: y.reshape(steps * step, *y.shape[2:])[:rows], out)
 
 
+def in_micro_batches(module: nn.Module, fn: Callable[[nn.Module, jax.Array], Any], x: jax.Array, size: int) -> Any:
+    """``fn(module, x)`` computed over the leading axis of ``x`` at most ``size`` rows at a
+    time, sequentially, the variables shared (:func:`map_micro_batches`). ``fn``'s
+    outputs must have the batch as their leading axis."""
+
+    def scan(chunks):
+        body = nn.scan(lambda mdl, carry, chunk: (carry, fn(mdl, chunk)), variable_broadcast=True, split_rngs={},
+                       length=chunks.shape[0])
+        return body(module, None, chunks)[1]
+
+    return map_micro_batches(x, size, scan)
+
+
 __all__ = [
-    "AUTO_EVAL_MICRO_BATCH", "MicroBatch", "in_micro_batches", "micro_batches_apply", "pad_rows", "resolve_eval_micro_batch",
+    "AUTO_EVAL_MICRO_BATCH", "MicroBatch", "check_micro_batch", "eval_micro_batch_size", "in_micro_batches",
+    "map_micro_batches", "pad_rows", "resolve_eval_micro_batch",
 ]

@@ -5,7 +5,7 @@ Coordinate Attention paper: one configurable module covers the paper's baseline,
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +17,7 @@ from ca_flax.layers.conv import ConvBNAct, dense_kernel_init
 from ca_flax.layers.depthwise import DepthwiseImpl
 from ca_flax.layers.fused import dense_unit_inference, depthwise_unit_inference, fuses_dense_unit, fuses_depthwise_unit
 from ca_flax.layers.pooling import mean_pool
-from ca_flax.models.micro_batch import MicroBatch, in_micro_batches, micro_batches_apply, resolve_eval_micro_batch
+from ca_flax.models.micro_batch import MicroBatch, eval_micro_batch_size, in_micro_batches, resolve_eval_micro_batch
 
 # (expansion t, channels c, repeats n, first stride s) of the seven stages.
 STAGES: tuple[tuple[int, int, int, int], ...] = (
@@ -241,11 +241,7 @@ class MobileNetV2(nn.Module):
         1x1 conv at stride 32). Usage:
         ``model.apply(variables, x, method=model.features)``.
         """
-        self._check_input(x)
-        size = micro_batches_apply(self, self.eval_micro_batch, x, train)
-        if size is not None:
-            return in_micro_batches(self, lambda model, chunk: model._features(chunk, False), x, size)
-        return self._features(x, train)
+        return self._eval_in_micro_batches(MobileNetV2._features, x, train)
 
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Logits ``(N, num_classes)`` for NHWC images ``(N, H, W, in_channels)``.
@@ -253,11 +249,15 @@ class MobileNetV2(nn.Module):
         ``train=True`` uses batch statistics (pass ``mutable=['batch_stats']``) and
         dropout (pass ``rngs={'dropout': key}``).
         """
+        return self._eval_in_micro_batches(MobileNetV2._logits, x, train)
+
+    def _eval_in_micro_batches(self, method: Callable[..., Any], x: jax.Array, train: bool) -> Any:
+        """``method(self, x, train)``, in eval mode ``eval_micro_batch`` images at a time."""
         self._check_input(x)
-        size = micro_batches_apply(self, self.eval_micro_batch, x, train)
-        if size is not None:
-            return in_micro_batches(self, lambda model, chunk: model._logits(chunk, False), x, size)
-        return self._logits(x, train)
+        size = eval_micro_batch_size(self, self.eval_micro_batch, x, train)
+        if size is None:
+            return method(self, x, train)
+        return in_micro_batches(self, lambda model, chunk: method(model, chunk, False), x, size)
 
     def _features(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
         if self.dtype is not None:

@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "conv_shape.h"
 #include "parallel.h"
 #include "vec.h"
 #include "xla/ffi/api/ffi.h"
@@ -110,8 +111,6 @@ void ComputeRows(const Problem& p, bool relu6, int64_t image, int64_t first, int
   }
 }
 
-constexpr int64_t kMinChunks = 8;  // enough chunks for every thread, even for one image
-
 ffi::Error DenseConvInference(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
                               ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> mul, ffi::Buffer<ffi::F32> bias,
                               ffi::ResultBuffer<ffi::F32> y, int64_t stride, bool relu6) {
@@ -123,10 +122,8 @@ ffi::Error DenseConvInference(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
   }
   const int64_t n = xd[0], h = xd[1], w = xd[2], ci = xd[3];
   const int64_t kh = kd[0], kw = kd[1], co = kd[3], oh = yd[1], ow = yd[2];
-  bool vectors_ok = true;
-  for (auto* v : {&mean, &mul, &bias}) vectors_ok = vectors_ok && v->dimensions().size() == 1 && v->dimensions()[0] == co;
-  if (kd[2] != ci || kh % 2 == 0 || kw % 2 == 0 || stride < 1 || yd[0] != n || yd[3] != co ||
-      oh != (h - 1) / stride + 1 || ow != (w - 1) / stride + 1 || !vectors_ok) {
+  if (kd[2] != ci || yd[0] != n || yd[3] != co || !ca_flax::SymmetricConvShape(h, w, kh, kw, stride, oh, ow) ||
+      !ca_flax::VectorsOfLength(co, {&mean, &mul, &bias})) {
     return ffi::Error::InvalidArgument(
         "dense conv inference: shapes do not match an NHWC input, an odd (kH, kW, Ci, Co) kernel, BatchNorm "
         "vectors of length Co and an output (N, OH, OW, Co) for stride " + std::to_string(stride));
@@ -134,7 +131,7 @@ ffi::Error DenseConvInference(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
   if (n == 0 || oh == 0 || ow == 0 || co == 0) return ffi::Error::Success();
   const Affine bn(mean.typed_data(), mul.typed_data(), bias.typed_data(), co);
   const Problem p{x.typed_data(), kernel.typed_data(), bn, y->typed_data(), h, w, ci, co, oh, ow, kh, kw, stride};
-  ca_flax::RunRowChunks(pool, n, oh, ca_flax::RowChunksPerImage(n, oh, kMinChunks),
+  ca_flax::RunRowChunks(pool, n, oh, ca_flax::RowChunksPerImage(n, oh),
                         [&](int64_t, int64_t image, int64_t first, int64_t last) {
                           ComputeRows(p, relu6, image, first, last);
                         });

@@ -27,6 +27,7 @@
 #include <string>
 #include <vector>
 
+#include "conv_shape.h"
 #include "parallel.h"
 #include "vec.h"
 #include "xla/ffi/api/ffi.h"
@@ -206,10 +207,6 @@ void ComputeRows(const Problem& p, int64_t image, int64_t first, int64_t last, f
   }
 }
 
-// At least this many chunks per call, so every thread of the pool has work even for one
-// image; more rows per chunk re-normalize fewer input rows at chunk edges.
-constexpr int64_t kMinChunks = 8;
-
 ffi::Error DepthwiseInference(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
                               ffi::Buffer<ffi::F32> in_mean, ffi::Buffer<ffi::F32> in_mul,
                               ffi::Buffer<ffi::F32> in_bias, ffi::Buffer<ffi::F32> out_mean,
@@ -225,14 +222,11 @@ ffi::Error DepthwiseInference(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
   }
   const int64_t n = xd[0], h = xd[1], w = xd[2], c = xd[3];
   const int64_t kh = kd[0], kw = kd[1], oh = yd[1], ow = yd[2];
-  bool vectors_ok = true;
-  for (auto* v : {&in_mean, &in_mul, &in_bias, &out_mean, &out_mul, &out_bias}) {
-    vectors_ok = vectors_ok && v->dimensions().size() == 1 && v->dimensions()[0] == c;
-  }
-  if (kd[2] != 1 || kd[3] != c || kh % 2 == 0 || kw % 2 == 0 || stride < 1 || yd[0] != n || yd[3] != c ||
-      oh != (h - 1) / stride + 1 || ow != (w - 1) / stride + 1 || !vectors_ok ||
+  if (kd[2] != 1 || kd[3] != c || yd[0] != n || yd[3] != c || !ca_flax::SymmetricConvShape(h, w, kh, kw, stride, oh, ow) ||
+      !ca_flax::VectorsOfLength(c, {&in_mean, &in_mul, &in_bias, &out_mean, &out_mul, &out_bias}) ||
       row_sum->dimensions().size() != 3 || col_sum->dimensions().size() != 3 ||
-      row_sum->element_count() != n * oh * c || col_sum->element_count() != n * ow * c) {
+      static_cast<int64_t>(row_sum->element_count()) != n * oh * c ||
+      static_cast<int64_t>(col_sum->element_count()) != n * ow * c) {
     return ffi::Error::InvalidArgument(
         "depthwise inference: shapes do not match an NHWC input, an odd (kH, kW, 1, C) kernel, per-channel "
         "BatchNorm vectors of length C and outputs (N, OH, OW, C), (N, OH, C), (N, OW, C) for stride " +
@@ -252,7 +246,7 @@ ffi::Error DepthwiseInference(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
                   h, w, c, oh, ow, kh, kw, stride};
   if (n == 0 || oh == 0 || ow == 0 || c == 0) return ffi::Error::Success();
   // Chunks of output rows, each within one image, each with its own column sums.
-  const int64_t per_image = ca_flax::RowChunksPerImage(n, oh, kMinChunks);
+  const int64_t per_image = ca_flax::RowChunksPerImage(n, oh);
   std::vector<std::vector<float>> col_partial(n * per_image, std::vector<float>(ow * c, 0.0f));
   ca_flax::RunRowChunks(pool, n, oh, per_image, [&](int64_t k, int64_t image, int64_t first, int64_t last) {
     ComputeRows(p, image, first, last, col_partial[k].data());

@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "conv_shape.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -71,8 +72,7 @@ ffi::Error DepthwiseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
   }
   const int64_t n = xd[0], h = xd[1], w = xd[2], c = xd[3];
   const int64_t oh = gd[1], ow = gd[2], kh = od[0], kw = od[1];
-  if (gd[0] != n || gd[3] != c || od[2] != 1 || od[3] != c || kh % 2 == 0 || kw % 2 == 0 || stride < 1 ||
-      oh != (h - 1) / stride + 1 || ow != (w - 1) / stride + 1) {
+  if (gd[0] != n || gd[3] != c || od[2] != 1 || od[3] != c || !ca_flax::SymmetricConvShape(h, w, kh, kw, stride, oh, ow)) {
     return ffi::Error::InvalidArgument(
         "depthwise kernel gradient: shapes do not match an NHWC input, its output gradient for stride " +
         std::to_string(stride) + " and an odd (kH, kW, 1, C) kernel");

@@ -64,10 +64,11 @@ inline void RunRowChunks(xla::ffi::ThreadPool& pool, int64_t images, int64_t row
   });
 }
 
-// Chunks per image for RunRowChunks: at least `min_chunks` in all, so every thread has
-// work even for one image, and at most one per row.
-inline int64_t RowChunksPerImage(int64_t images, int64_t rows, int64_t min_chunks) {
-  return std::max<int64_t>(1, std::min<int64_t>(rows, (min_chunks + images - 1) / images));
+// Chunks per image for RunRowChunks: at least kMinRowChunks in all, so every thread of a
+// small pool has work even for one image, and at most one per row.
+constexpr int64_t kMinRowChunks = 8;
+inline int64_t RowChunksPerImage(int64_t images, int64_t rows) {
+  return std::max<int64_t>(1, std::min<int64_t>(rows, (kMinRowChunks + images - 1) / images));
 }
 
 }  // namespace ca_flax
