@@ -42,9 +42,10 @@ def released(tmp_path_factory, reference) -> Path:
     return path
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
+def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(_REPO), os.environ.get("PYTHONPATH")])))
-    return subprocess.run([sys.executable, "-m", "ca_flax.convert", *args], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([sys.executable, "-m", "ca_flax.convert", *args], capture_output=True, text=True, env=env,
+                          timeout=300, cwd=cwd)
 
 
 def test_command_line_converts_and_loads(tmp_path, released, reference):
@@ -145,3 +146,25 @@ def test_overwrite_replaces_the_destination(tmp_path, released):
     assert main(["-q", "--overwrite", str(released), str(tmp_path / "ckpt")]) == 0
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["model.json", "variables"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+@pytest.mark.parametrize("case", ["same path", "dot path", "symlink", "hard link", "parent directory"])
+def test_destination_that_is_or_holds_the_source_is_refused(tmp_path, released, case):
+    """``--overwrite`` replaces DST as a whole: a DST that is SRC (by any path) or holds it
+    would destroy the input, so it is refused before anything is read or written."""
+    work = tmp_path / "work"
+    work.mkdir()
+    src = work / "x.pth"
+    src.write_bytes(released.read_bytes())
+    dst = {"same path": str(src), "dot path": "./x.pth", "symlink": "link.pth", "hard link": "hard.pth",
+           "parent directory": str(work)}[case]
+    if case == "symlink":
+        (work / dst).symlink_to(src)
+    elif case == "hard link":
+        os.link(src, work / dst)
+    before = sorted(p.name for p in work.iterdir())
+    result = _run(str(src), dst, "--overwrite", cwd=work)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+    assert "SRC" in result.stderr and "Traceback" not in result.stderr
+    assert sorted(p.name for p in work.iterdir()) == before and src.read_bytes() == released.read_bytes()

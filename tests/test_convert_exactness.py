@@ -145,3 +145,32 @@ def test_float32_default_inference_path(name, size, batch):
         assert "CaFlaxDepthwiseInference" in jax.jit(model.apply).lower(variables, images).as_text()
     got = np.asarray(jax.jit(model.apply)(variables, images))
     assert float(np.max(np.abs(got - want)) / np.max(np.abs(want))) < LOGIT_RTOL
+
+
+def test_a_nan_pixel_gives_nan_logits_as_in_pytorch():
+    """NaN propagates as in PyTorch (whose ReLU6 keeps it): in eval mode only the poisoned
+    image's logits are NaN, on the native inference units as with the modules as written;
+    in training mode the batch statistics carry it to every image."""
+    reference = _reference("official_mbv2_ca_w0.5")
+    model, variables, _ = from_torch(reference.state_dict())
+    x = _images(33, batch=3)
+    x[0, 1, 20, 10] = float("nan")
+    with torch.no_grad():
+        want_eval = reference(x).numpy()
+        want_train = copy.deepcopy(reference).train()(x).numpy()
+    assert np.isnan(want_eval[0]).all() and np.isfinite(want_eval[1:]).all() and np.isnan(want_train).all()
+    images = jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
+
+    def program():  # a new function each time: jax reuses the trace of one it has seen
+        return jax.jit(lambda v, x: model.apply(v, x))
+
+    fused = program()
+    if jax.default_backend() == "cpu" and native.depthwise_inference_target() is not None:
+        assert "CaFlaxDepthwiseInference" in fused.lower(variables, images).as_text()
+    with native.disabled():
+        plain = program()
+        assert "CaFlaxDepthwiseInference" not in plain.lower(variables, images).as_text()
+        plain = np.asarray(plain(variables, images))
+    train = model.apply(variables, images, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(0)})[0]
+    for got, want in ((fused(variables, images), want_eval), (plain, want_eval), (train, want_train)):
+        np.testing.assert_array_equal(np.isnan(np.asarray(got)), np.isnan(want))

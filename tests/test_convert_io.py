@@ -236,8 +236,21 @@ def test_pickled_code_is_never_executed(tmp_path, state_dict):
 def test_training_checkpoint_with_argparse_namespace_is_refused_with_the_global(tmp_path, state_dict):
     path = tmp_path / "train.pth"
     torch.save({"state_dict": dict(state_dict), "args": argparse.Namespace(lr=0.1)}, path)
-    with pytest.raises(ConversionError, match=r"train\.pth: refused to load.*argparse\.Namespace.*safetensors"):
+    with pytest.raises(ConversionError, match=r"train\.pth: refused to load.*argparse\.Namespace.*safetensors") as info:
         from_torch(path)
+    assert "['state_dict']" in str(info.value) and "model.state_dict()" not in str(info.value)
+
+
+def test_whole_pickled_model_is_refused_with_the_state_dict_hint(tmp_path):
+    """``torch.save(model)`` instead of ``torch.save(model.state_dict())``: no key of the
+    file holds the weights, so the hint is to save ``model.state_dict()``."""
+    path = tmp_path / "whole.pth"
+    torch.save(tr.OfficialMBV2CA(width_mult=0.35, num_classes=4), path)
+    with pytest.raises(ConversionError, match=r"whole\.pth: refused to load") as info:
+        from_torch(path)
+    message = str(info.value)
+    assert "whole pickled torch_reference.OfficialMBV2CA object" in message
+    assert "torch.save(model.state_dict(), 'weights.pth')" in message and "['state_dict']" not in message
 
 
 def test_nan_and_inf_are_refused(state_dict):

@@ -71,6 +71,48 @@ def test_dense_conv_inference_equals_its_xla_math(shape, k, out, stride, relu6):
     _close(got, want)
 
 
+def _poisoned(x):
+    """``x`` with NaN, +inf and -inf at three pixels of the first image, in every channel."""
+    return x.at[0, 1, 1].set(jnp.nan).at[0, 2, -2].set(jnp.inf).at[0, -1, 0].set(-jnp.inf)
+
+
+def _same_non_finite(got, want):
+    """NaN and infinities where the reference has them, the same values elsewhere."""
+    got, want = np.asarray(got), np.asarray(want)
+    finite = np.isfinite(want)
+    assert np.isnan(want).any()
+    np.testing.assert_array_equal(np.where(finite, 0, got), np.where(finite, 0, want))  # NaN equals NaN here
+    _close(np.where(finite, got, 0), np.where(finite, want, 0))
+
+
+@requires_kernels
+@pytest.mark.parametrize("in_affine, in_relu6, out_relu6", [(True, True, True), (False, False, True),
+                                                            (True, False, False)])
+def test_depthwise_inference_propagates_nan_as_its_xla_math(in_affine, in_relu6, out_relu6):
+    """20 channels: 16 in a vector, 4 in the scalar tail; both ReLU6 flavours must keep NaN
+    (PyTorch's ReLU6 does), not clamp it to 0 or 6."""
+    keys = jax.random.split(jax.random.PRNGKey(7), 4)
+    x = _poisoned(jax.random.normal(keys[0], (2, 9, 9, 20)))
+    kernel = jax.random.normal(keys[1], (3, 3, 1, 20))
+    a_in = _affine(keys[2], 20) if in_affine else None
+    a_out = _affine(keys[3], 20)
+    got = jax.jit(native.depthwise_inference, static_argnums=(2, 4, 6))(x, kernel, 1, a_in, in_relu6, a_out, out_relu6)
+    want = fused.depthwise_unit_math(x, kernel, a_in, a_out, 1, in_relu6, out_relu6)
+    for g, w in zip(got, want):
+        _same_non_finite(g, w)
+
+
+@requires_kernels
+@pytest.mark.parametrize("relu6", [True, False])
+def test_dense_conv_inference_propagates_nan_as_its_xla_math(relu6):
+    keys = jax.random.split(jax.random.PRNGKey(8), 3)
+    x = _poisoned(jax.random.normal(keys[0], (2, 9, 9, 3)))
+    kernel = jax.random.normal(keys[1], (3, 3, 3, 20))
+    affine = _affine(keys[2], 20)
+    got = jax.jit(native.dense_conv_inference, static_argnums=(2, 4))(x, kernel, 1, affine, relu6)
+    _same_non_finite(got, fused.dense_unit_math(x, kernel, affine, 1, relu6))
+
+
 def test_bad_shapes_are_named_errors():
     if native.depthwise_inference_target() is None:
         pytest.skip("no native kernels here")

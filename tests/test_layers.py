@@ -266,6 +266,32 @@ def test_activation_gradients_match_pytorch_at_the_kinks():
         np.testing.assert_array_equal(ours(jnp.asarray(points)), theirs(torch.tensor(points)).numpy())
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_activations_keep_nan_and_infinities_as_pytorch(dtype):
+    """NaN stays NaN through ReLU6 (PyTorch's clamps propagate it), so a NaN input cannot
+    come out as finite numbers; infinities saturate. Against the released code's formulas
+    and PyTorch's own hardswish and hardsigmoid (rounding aside: XLA divides by 6 as a
+    multiplication by 1/6)."""
+    torch = pytest.importorskip("torch")
+    from ca_flax.layers.activations import hard_sigmoid
+
+    special = [np.nan, np.inf, -np.inf, -1e30, -7.0, -3.0, -1.0, -0.0, 0.0, 0.5, 3.0, 6.0, 6.5, 1e30]
+    points = np.concatenate([special, np.random.default_rng(9).uniform(-10, 10, 50)]).astype(dtype)
+    t = torch.tensor(points)
+    relu6_t = torch.nn.functional.relu6
+    triples = [
+        (relu6, relu6_t, relu6_t),
+        (hard_sigmoid, lambda t: relu6_t(t + 3.0) / 6.0, torch.nn.functional.hardsigmoid),
+        (hard_swish, lambda t: t * relu6_t(t + 3.0) / 6.0, torch.nn.functional.hardswish),
+    ]
+    for ours, formula, builtin in triples:
+        for run in (ours, jax.jit(ours)):
+            got = np.asarray(run(jnp.asarray(points)))
+            assert got.dtype == dtype and np.isnan(got[0])
+            for want in (formula(t).numpy(), builtin(t).numpy()):  # NaN and infinities where they are
+                np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
 def test_after_keeps_values_and_recompute_in_backward_keeps_gradients():
     from ca_flax.layers.recompute import after, recompute_in_backward
 

@@ -123,12 +123,19 @@ def test_invalid_attention_options_raise(rng):
 
 
 @pytest.mark.parametrize(
-    "shape, message", [((32, 32, 3), "rank 4.*x\\[None\\]"), ((1, 3, 32, 32), "3 input channels last"), ((1, 32, 32), "rank 4")]
+    "shape, message",
+    [((32, 32, 3), "rank 4.*x\\[None\\]"), ((1, 32, 32), "rank 4"),
+     ((1, 3, 32, 32), "3 channels on the last axis \\(NHWC\\), got 32 .*NCHW.*x\\.transpose\\(0, 2, 3, 1\\)"),
+     ((1, 3, 32, 4), "got 4 .*NCHW.*transpose"),  # axis 1 is 3, the last is not: NCHW, however small
+     ((1, 64, 64, 4), "3 channels on the last axis \\(NHWC\\), got 4 .*alpha.*x\\[\\.\\.\\., :3\\]"),
+     ((1, 32, 32, 5), "got 5 .*in_channels=5")],
+    ids=["no-batch", "rank-3", "nchw", "small-nchw", "rgba", "other"],
 )
 def test_bad_input_rank_or_layout(shape, message, rng):
     model = create_model("mobilenetv2", **TINY)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as info:
         model.init(rng, jnp.zeros(shape))
+    assert ("transpose" in str(info.value)) == (shape[1] == 3 and len(shape) == 4)
 
 
 def _tiny_variables(name="mobilenetv2_ca", **kw):

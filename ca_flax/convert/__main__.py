@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the checkpoint's); another value re-initializes the classifier for fine-tuning")
     parser.add_argument("--no-strict", dest="strict", action="store_false", help="ignore keys that are not part of the layout")
     parser.add_argument("--no-ema", dest="use_ema", action="store_false", help="take the raw weights when a checkpoint also holds EMA weights")
-    parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists (never SRC or a directory holding it)")
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     return parser
 
@@ -52,6 +53,16 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def check_not_source(src: Path, dst: Path) -> None:
+    """Refuses a DST that is SRC, by any path (``./x.pth``, a symlink, a hard link), or a
+    directory holding it: writing DST replaces it as a whole, and the input with it."""
+    real_src, real_dst = Path(os.path.realpath(src)), Path(os.path.realpath(dst))
+    if real_src == real_dst or (src.exists() and dst.exists() and os.path.samefile(src, dst)):
+        raise ConversionError(f"{dst}: is SRC ({src}); writing it would destroy the input. Choose another DST.")
+    if real_dst in real_src.parents:
+        raise ConversionError(f"{dst}: holds SRC ({src}); replacing it would delete the input. Choose another DST.")
 
 
 def import_weights(args: argparse.Namespace) -> str:
@@ -101,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ca_flax.checkpoints import CheckpointError
 
     try:
+        check_not_source(Path(args.src), Path(args.dst))
         summary = export_weights(args) if args.to_torch else import_weights(args)
     except (ConversionError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)

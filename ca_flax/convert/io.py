@@ -22,6 +22,7 @@ import json
 import math
 import os
 import pickle
+import pickletools
 import secrets
 import warnings
 import zipfile
@@ -152,6 +153,15 @@ def _read_torch(path: Path) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         offending = _unsafe_globals(torch, path)
+        whole = _pickled_object_class(path) if offending else None
+        if whole is not None:  # torch.save(model), not of its state_dict(): no key holds the weights
+            raise ConversionError(
+                f"{path}: refused to load: it holds a whole pickled {whole} object (what `torch.save(model)` "
+                "writes), not a state dict, and unpickling it could run code from the file. Save the weights "
+                "instead where the model is defined, `torch.save(model.state_dict(), 'weights.pth')` (or, if "
+                "you trust the file, `torch.save(torch.load(path, weights_only=False).state_dict(), "
+                "'weights.pth')`), and convert that file."
+            ) from None
         if offending:
             raise ConversionError(
                 f"{path}: refused to load: the pickle references Python objects besides tensors and "
@@ -180,6 +190,29 @@ def _unsafe_globals(torch: Any, path: Path) -> list[str]:
         return sorted(finder(path))
     except Exception:  # noqa: BLE001 -- any failure means "not a readable pickle"
         return []
+
+
+# Top-level classes that are containers of a state dict, not a pickled object.
+_CONTAINER_CLASSES = ("collections.OrderedDict", "builtins.dict")
+
+
+def _pickled_object_class(path: Path) -> str | None:
+    """``'module.Class'`` when a ``torch.save`` archive holds an object (a model) at its
+    top level, else None (a dict or list, or a file this cannot tell about). Reads the
+    pickle's first opcodes and runs nothing. Protocols up to 3 (``torch.save`` writes 2),
+    the ones PyTorch lists unsafe globals for."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist() if n.rsplit("/", 1)[-1] == "data.pkl"), None)
+            data = archive.read(name) if name is not None else b""
+        for opcode, arg, _ in pickletools.genops(data):
+            if opcode.name == "PROTO":
+                continue
+            found = arg.replace(" ", ".") if opcode.name == "GLOBAL" else None
+            return found if found not in _CONTAINER_CLASSES else None
+    except (OSError, zipfile.BadZipFile, ValueError):  # ValueError: a truncated pickle
+        return None
+    return None
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:

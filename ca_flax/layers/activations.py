@@ -14,7 +14,8 @@ ActivationLike = Union[str, Activation, None]
 def relu6(x: jax.Array) -> jax.Array:
     """min(max(x, 0), 6), as torch.nn.ReLU6, gradient included: ``lax.clamp`` passes
     the gradient only strictly inside (0, 6), as PyTorch's hardtanh backward does
-    (``jnp.clip`` would pass half of it at exactly 0 or 6)."""
+    (``jnp.clip`` would pass half of it at exactly 0 or 6). NaN stays NaN, as in PyTorch
+    (XLA's clamp propagates it; tests/test_layers.py checks)."""
     return jax.lax.clamp(jnp.zeros((), x.dtype), x, jnp.full((), 6, x.dtype))
 
 

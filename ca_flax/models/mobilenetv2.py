@@ -100,6 +100,15 @@ class InvertedResidual(nn.Module):
         return y
 
 
+def _channels_hint(shape: tuple[int, ...], in_channels: int) -> str:
+    """How to fix NHWC input of rank 4 whose last axis is not ``in_channels`` long."""
+    if shape[1] == in_channels:  # where NCHW keeps the channels
+        return "it looks like NCHW: transpose it with x.transpose(0, 2, 3, 1)"
+    if (in_channels, shape[-1]) == (3, 4):
+        return "4 channels are RGBA: drop the alpha channel with x[..., :3]"
+    return f"for {shape[-1]}-channel images create the model with in_channels={shape[-1]}"
+
+
 class MobileNetV2(nn.Module):
     """MobileNetV2 with an optional attention block in every t != 1 inverted residual.
 
@@ -229,8 +238,8 @@ class MobileNetV2(nn.Module):
             )
         if x.shape[-1] != self.in_channels:
             raise ValueError(
-                f"MobileNetV2 expects {self.in_channels} input channels last (NHWC), got shape {x.shape}; "
-                "transpose NCHW input with x.transpose(0, 2, 3, 1)."
+                f"MobileNetV2 expects {self.in_channels} channels on the last axis (NHWC), got {x.shape[-1]} "
+                f"in shape {x.shape}; {_channels_hint(x.shape, self.in_channels)}."
             )
 
     def features(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:

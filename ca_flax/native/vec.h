@@ -6,7 +6,6 @@
 #ifndef CA_FLAX_NATIVE_VEC_H_
 #define CA_FLAX_NATIVE_VEC_H_
 
-#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -24,17 +23,21 @@ inline Vec Load(const float* p) {
 inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof(v)); }
 inline Vec Splat(float f) { return Vec{} + f; }
 
-// ReLU6 (min(max(v, 0), 6)) when kRelu6, else the identity.
+// ReLU6 (min(max(v, 0), 6)) when kRelu6, else the identity. NaN stays NaN, as in
+// PyTorch: each comparison is false for NaN and so selects v (the same two compares and
+// selects as `v > 0 ? v : 0`, which maps NaN to 0).
 template <bool kRelu6>
 inline float Act(float v) {
-  return kRelu6 ? std::min(std::max(v, 0.0f), 6.0f) : v;
+  if (!kRelu6) return v;
+  v = v < 0.0f ? 0.0f : v;
+  return v > 6.0f ? 6.0f : v;
 }
 template <bool kRelu6>
 inline Vec Act(Vec v) {
   if (!kRelu6) return v;
   const Vec zero = Splat(0.0f), six = Splat(6.0f);
-  v = v > zero ? v : zero;
-  return v < six ? v : six;
+  v = v < zero ? zero : v;
+  return v > six ? six : v;
 }
 
 // An inference BatchNorm per channel, folded as PyTorch's CPU kernel folds it:
