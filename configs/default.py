@@ -3,7 +3,20 @@
 A real image-classification dataset that ships inside an installed package (1,797 8x8
 digits; 80% train, 20% held out), fed through the same decode, crop, resize and
 normalize pipeline as ImageNet. On a 2-core CPU it finishes in under 3 minutes, compile
-included, at about 97% held-out top-1. Every other config inherits from this one.
+included (docs/training.md has the measured seeds). Every other config inherits from
+this one.
+
+Why this recipe. A tiny network on tiny maps starts in a chaotic phase: with the paper's
+init, the depthwise convolutions' outputs have batch variances of 1e-3 (down to 4e-5,
+near BatchNorm's epsilon), so the first gradients are large (global norm about 20) and
+ill-conditioned (one float32 rounding of the input moves the exact gradient by 0.5%).
+Any rounding difference (CPU model, native kernels on or off) then sends a run down
+another trajectory, and at the former peak learning rate of 0.1 some of them collapsed
+or diverged to NaN. So: peak 0.05 at batch 64 over a 3-epoch warmup, the gradient
+clipped to global norm 2 (it only acts in the first ~100 steps and on spikes; later
+norms are 0.5-1.5), and label smoothing 0.1 (bounded logits). Every seed tried then
+learns, with margin: twice the learning rate still learns. The paper's ImageNet recipe
+(configs/imagenet_mbv2_ca.py) keeps its own settings, clipping off.
 
     python train.py                                   # this config, workdir ./workdirs/default
     python train.py --config=configs/default.py --workdir=/tmp/run --config.num_epochs=5
@@ -38,13 +51,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_batch_size = 128
     config.num_epochs = 25
     config.num_train_steps = -1  # > 0 overrides num_epochs
-    config.learning_rate = 0.4  # peak 0.1 at batch 64
+    config.learning_rate = 0.2  # peak 0.05 at batch 64
     config.momentum = 0.9
     config.nesterov = False
     config.weight_decay = 4e-5
     config.weight_decay_exclude_norm_and_bias = False
-    config.warmup_epochs = 2.0
-    config.label_smoothing = 0.0
+    config.warmup_epochs = 3.0
+    config.label_smoothing = 0.1
+    config.grad_clip_norm = 2.0  # global-norm gradient clipping; 0 turns it off
 
     # Bookkeeping.
     config.seed = 0

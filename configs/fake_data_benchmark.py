@@ -22,6 +22,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_train_steps = 40
     config.learning_rate = 0.05
     config.warmup_epochs = 0.0
+    # The step PyTorch's training loop is compared with: no clipping, no smoothing.
+    config.grad_clip_norm = 0.0
+    config.label_smoothing = 0.0
     config.log_every_steps = 8  # a multiple of 8: eight steps per compiled call on CPU
     config.eval_every_steps = 1_000_000  # only the final one-batch evaluation
     config.checkpoint_every_steps = 1_000_000  # only the final checkpoint

@@ -37,6 +37,7 @@ def get_config(variant: str = "ca") -> ml_collections.ConfigDict:
     config.weight_decay = 4e-5
     config.warmup_epochs = 0.0
     config.label_smoothing = 0.0
+    config.grad_clip_norm = 0.0
     config.log_every_steps = 100
     config.eval_every_steps = 5004  # one epoch: 1,281,167 images // 256
     config.checkpoint_every_steps = 2502

@@ -76,6 +76,21 @@ def test_weight_decay_is_coupled_l2_on_every_parameter_by_default():
         optim.create_optimizer(_config(optimizer="adam"), optax.constant_schedule(1.0))
 
 
+def test_grad_clip_norm_rescales_large_gradients_and_keeps_the_optimizer_state_tree():
+    params = {"conv": {"kernel": jnp.zeros((4,))}}
+    grads = {"conv": {"kernel": jnp.array([3.0, 4.0, 0.0, 0.0])}}  # global norm 5
+    plain = optim.create_optimizer(_config(weight_decay=0.0, momentum=0.0), optax.constant_schedule(1.0))
+    for clip, expected in ((0.0, [-3.0, -4.0]), (10.0, [-3.0, -4.0]), (1.0, [-0.6, -0.8])):
+        tx = optim.create_optimizer(_config(weight_decay=0.0, momentum=0.0, grad_clip_norm=clip),
+                                    optax.constant_schedule(1.0))
+        updates, _ = tx.update(grads, tx.init(params), params)
+        np.testing.assert_allclose(updates["conv"]["kernel"][:2], expected, rtol=1e-6)
+        # Turning clipping on or off does not change what a checkpoint holds.
+        assert jax.tree_util.tree_structure(tx.init(params)) == jax.tree_util.tree_structure(plain.init(params))
+    with pytest.raises(ValueError, match="grad_clip_norm must be >= 0"):
+        optim.create_optimizer(_config(grad_clip_norm=-1.0), optax.constant_schedule(1.0))
+
+
 def test_cross_entropy_label_smoothing_and_top_k():
     logits = jnp.array([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0]])
     labels = jnp.array([0, 2])

@@ -32,11 +32,35 @@ def _decay_mask(params: Any, exclude_norm_and_bias: bool) -> Any:
 
 
 def create_optimizer(config: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """SGD with momentum and PyTorch-style (coupled, L2) weight decay, as in the paper."""
+    """SGD with momentum and PyTorch-style (coupled, L2) weight decay, as in the paper.
+
+    ``config.grad_clip_norm > 0`` first rescales the gradient to at most that global
+    norm (``torch.nn.utils.clip_grad_norm_``'s rule, before weight decay): a guard against
+    the rare step whose gradient is orders of magnitude above the rest, which a small
+    batch on a tiny network can produce. 0 (the paper's recipe) leaves gradients as
+    they are.
+    """
     if config.optimizer != "sgd":
         raise ValueError(f"Unknown optimizer {config.optimizer!r}; the supported one is 'sgd'.")
+    clip = float(config.get("grad_clip_norm", 0.0) or 0.0)
+    if clip < 0:
+        raise ValueError(f"grad_clip_norm must be >= 0 (0 turns clipping off), got {clip}.")
     exclude = bool(config.get("weight_decay_exclude_norm_and_bias", False))
-    return optax.chain(
+    sgd = optax.chain(
         optax.add_decayed_weights(config.weight_decay, mask=lambda p: _decay_mask(p, exclude)),
         optax.sgd(schedule, momentum=config.momentum, nesterov=bool(config.get("nesterov", False))),
     )
+    return _clip_before(sgd, clip) if clip else sgd
+
+
+def _clip_before(inner: optax.GradientTransformation, max_norm: float) -> optax.GradientTransformation:
+    """``inner`` applied to gradients clipped to ``max_norm`` global norm, with
+    ``inner``'s state unchanged (clipping keeps none), so a workdir resumes whether or
+    not clipping is turned on."""
+    clip = optax.clip_by_global_norm(max_norm)
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        clipped, _ = clip.update(updates, optax.EmptyState())
+        return inner.update(clipped, state, params)
+
+    return optax.GradientTransformation(inner.init, update)

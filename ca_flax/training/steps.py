@@ -31,7 +31,9 @@ def top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
 def train_step(
     state: TrainState, batch: dict[str, jax.Array], *, num_classes: int, label_smoothing: float = 0.0
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One SGD step; returns the new state and ``{'loss', 'top1', 'learning_rate'}``."""
+    """One SGD step; returns the new state and ``{'loss', 'top1', 'grad_norm'}`` (the
+    gradient's global norm before any clipping: the first thing to look at when a run
+    diverges)."""
     dropout_rng = jax.random.fold_in(state.rng, state.step)
 
     def loss_fn(params):
@@ -44,7 +46,8 @@ def train_step(
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-    metrics = {"loss": loss, "top1": jnp.mean(top_k_correct(logits, batch["label"], 1))}
+    metrics = {"loss": loss, "top1": jnp.mean(top_k_correct(logits, batch["label"], 1)),
+               "grad_norm": optax.global_norm(grads)}
     return new_state, metrics
 
 

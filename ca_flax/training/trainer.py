@@ -346,7 +346,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 train_metrics.clear()
                 rate = throughput.report()
                 values = {"train_loss": means["loss"], "train_top1": means["top1"],
-                          "learning_rate": float(schedule(step - 1))}
+                          "train_grad_norm": means["grad_norm"], "learning_rate": float(schedule(step - 1))}
                 if rate is not None:
                     values["images_per_sec"] = rate
                 writer.write(step, values)
