@@ -3,62 +3,260 @@
     python train.py                                            # configs/default.py, offline
     python train.py --config=configs/imagenet_mbv2_ca.py:se --workdir=/runs/se --config.data_dir=...
     python train.py ... --coordinator_address=host0:1234 --num_processes=2 --process_id=0
+    python train.py [--config=...] --help                      # these flags and every --config.FIELD
 
-Rerunning the same command resumes from the workdir's latest checkpoint.
+Rerunning the same command resumes from the workdir's latest checkpoint. A bad flag,
+config field, workdir or dataset ends the run with one `error: ...` line and exit code 2.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import glob
 import os
+import re
 import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
 
 # TensorFlow (the input pipeline) logs C++ banners at import; keep the console for training.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+import ml_collections  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+from ml_collections.config_flags.config_flags import ConfigFileFlagParser  # noqa: E402
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(_HERE, "configs", "default.py")
 
+# Fields that take keys the config file does not list: any create_model option.
+OPEN_FIELDS = ("model_overrides",)
+# create_model arguments the trainer sets from other fields.
+MODEL_ARGS_FROM_CONFIG = {"num_classes": "the dataset", "width_mult": "--config.width_mult",
+                          "dtype": "--config.dtype", "param_dtype": "--config.param_dtype"}
+HELP = ("-h", "-?", "--help", "-help", "--helpshort", "-helpshort")
+HELPFULL = ("--helpfull", "-helpfull")
+
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Training configuration file.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard events (default: ./workdirs/<config>).")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a multi-process run without a cluster manager.")
-flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
-flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
-flags.DEFINE_string("compilation_cache_dir", None, "Persistent XLA compilation cache (default: WORKDIR/.jax_cache).")
 
 
-def _default_workdir() -> str:
-    config_path = FLAGS["config"].value if FLAGS["config"].present else DEFAULT_CONFIG
-    name = os.path.splitext(os.path.basename(str(config_path).split(":")[0]))[0]
-    return os.path.join("workdirs", name)
+def define_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
+    """train.py's flags; the config flag reads its ``--config.FIELD`` overrides from ``argv``."""
+    # Overrides may add keys (model_overrides only: check_override_names has vetted every
+    # name), so the config is locked after parsing, not by the flag.
+    config_flags.DEFINE_config_file(
+        "config", DEFAULT_CONFIG, "Training configuration file[:argument]; set its fields with "
+        "--config.FIELD=VALUE (--help lists them).", flag_values=flag_values, lock_config=False,
+        accept_new_attributes=True, sys_argv=list(argv))
+    flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard events (default: "
+                        "./workdirs/<config>).", flag_values=flag_values)
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a multi-process run without a "
+                        "cluster manager.", flag_values=flag_values)
+    flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.",
+                         flag_values=flag_values)
+    flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.", flag_values=flag_values)
+    flags.DEFINE_string("compilation_cache_dir", None, "Persistent XLA compilation cache (default: "
+                        "WORKDIR/.jax_cache).", flag_values=flag_values)
+
+
+def fail(error: BaseException | str, code: int = 2) -> NoReturn:
+    """Exits with the message as one `error: ...` line: it says what to fix, a traceback would bury it."""
+    message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+# -- flags ------------------------------------------------------------------------------
+
+
+def flag_args(argv: Sequence[str]) -> list[str]:
+    """The arguments absl reads as flags: those before a bare '--'."""
+    argv = list(argv[1:])
+    return argv[:argv.index("--")] if "--" in argv else argv
+
+
+def config_spec(argv: Sequence[str]) -> str:
+    """The last ``--config=PATH[:ARG]`` (or ``--config PATH[:ARG]``) of ``argv``, as absl
+    takes it; DEFAULT_CONFIG without one."""
+    args = flag_args(argv)
+    specs = [arg.split("=", 1)[1] if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
+             for i, arg in enumerate(args) if re.match(r"--?config(=|$)", arg)]
+    return specs[-1] if specs else DEFAULT_CONFIG
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """The config ``--config=spec`` names, loaded as the config flag loads it; one-line errors."""
+    path = spec.split(":", 1)[0]
+    if not os.path.isfile(path):
+        names = sorted(os.path.relpath(p) for p in glob.glob(os.path.join(_HERE, "configs", "[!_]*.py")))
+        raise FileNotFoundError(f"--config={spec}: no such config file {os.path.abspath(path)} "
+                                f"(the repository's: {', '.join(names)}).")
+    try:
+        return ConfigFileFlagParser("config", lock_config=False).parse(spec)
+    except (TypeError, ValueError) as error:  # get_config's own, with a traceback ml_collections added
+        last = str(error).strip().splitlines()[-1]  # "ValueError: Unknown variant ..."
+        raise ValueError(f"--config={spec}: {last.split(': ', 1)[-1]}") from None
+
+
+def config_fields(config: ml_collections.ConfigDict, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``(dotted name, value)`` of every field, nested ConfigDicts' fields included (not the dicts)."""
+    for name, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from config_fields(value, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", value
+
+
+def override_names(argv: Sequence[str]) -> list[str]:
+    """FIELD of every ``--config.FIELD[=VALUE]`` and ``--noconfig.FIELD`` in ``argv``."""
+    return [m.group(1) for arg in flag_args(argv) if (m := re.match(r"--?(?:no)?config\.([^=]+)", arg))]
+
+
+def check_override_names(config: ml_collections.ConfigDict, argv: Sequence[str]) -> None:
+    """Refuses a ``--config.FIELD`` the config does not have (a typo), with the closest
+    name; new keys are accepted under OPEN_FIELDS only."""
+    names = [name for name, _ in config_fields(config)]
+    known = set(names) | {".".join(n.split(".")[:i]) for n in names for i in range(1, n.count(".") + 1)}
+    for name in override_names(argv):
+        parent, _, key = name.rpartition(".")
+        if name in known or (parent in OPEN_FIELDS and parent in known and "." not in key):
+            continue
+        raise ValueError(f"--config.{name}: no such config field{did_you_mean(name, names, '--config.')}; "
+                         "`python train.py --help` lists them.")
+
+
+def did_you_mean(name: str, candidates: Sequence[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
+def help_text(flag_values: flags.FlagValues, full: bool) -> str:
+    """Usage, train.py's flags (every module's with ``full``) and the config's fields with their values."""
+    config, spec = flag_values.config, flag_values["config"].config_filename
+    spec = os.path.relpath(spec) if spec == DEFAULT_CONFIG else spec
+    flag_help = flag_values.get_help() if full else flag_values.module_help(sys.argv[0])
+    fields = [f"  --config.{name}={command_line_value(value)}" for name, value in config_fields(config)]
+    open_fields = [f"  --config.{name}.KEY=VALUE   (any other option of the model: stage_repeats=1,1,2,3,2,2,1, "
+                   f"attention_kwargs=\"{{'reduction': 16}}\", ...)" for name in OPEN_FIELDS if name in config]
+    return "\n".join([
+        __doc__.strip(), "", "flags:", flag_help, "",
+        f"config fields of {spec} (overrides applied); set any with --config.FIELD=VALUE",
+        "(tuples as 0.5,1.0; booleans as =true or =false; an empty value for unset):",
+        *fields, *open_fields, "",
+    ])
+
+
+def command_line_value(value: Any) -> str:
+    """``value`` as it is typed after ``--config.FIELD=``."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return "" if value is None else str(value)
+
+
+def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = FLAGS) -> list[str]:
+    """``app.run``'s flags parser: the flags of ``argv`` into ``flag_values``.
+
+    A bad flag, config file or config field exits with one `error: ...` line and code 2;
+    ``--help``/``--helpfull`` print the flags and the config's fields (the given config,
+    overrides applied) and exit 0.
+    """
+    asked = [arg for arg in flag_args(argv) if arg in HELP + HELPFULL]
+    argv = [arg for arg in argv if arg not in asked]
+    try:
+        check_override_names(load_config(config_spec(argv)), argv)
+        define_flags(flag_values, argv)
+        rest = flag_values(argv)
+    except (flags.Error, OSError, ValueError) as error:
+        fail(error)
+    flag_values.config.lock()  # No new fields from here on, as with lock_config=True.
+    if asked:
+        try:
+            print(help_text(flag_values, full=any(arg in HELPFULL for arg in asked)), flush=True)
+        except BrokenPipeError:  # `train.py --help | head`
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        sys.exit(0)
+    if len(rest) > 1:
+        fail(f"unexpected argument(s) {rest[1:]}: flags are --NAME=VALUE, the config --config=PATH.")
+    return rest
+
+
+def default_workdir(spec: str) -> str:
+    """./workdirs/<config file name> for ``--config=spec``."""
+    return os.path.join("workdirs", os.path.splitext(os.path.basename(spec.split(":")[0]))[0])
+
+
+# -- checks before training -------------------------------------------------------------
+
+
+def check_workdir(workdir: str) -> None:
+    """Fails now, not after compiling, where ``workdir`` cannot be a writable directory.
+
+    Writing is probed by creating and removing a directory: permission bits do not tell
+    (root ignores them, a read-only mount does not show in them). Remote paths (gs://)
+    are left to their filesystem.
+    """
+    if "://" in workdir:
+        return
+    path = Path(workdir).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        what = "is a file" if existing == path else f"is under {existing}, a file"
+        raise ValueError(f"--workdir={workdir} {what}, not a directory; give a directory (created if missing).")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write_probe_", dir=existing))
+    except OSError as error:
+        raise ValueError(f"--workdir={workdir} is not writable: cannot create anything in {existing} "
+                         f"({error.strerror}).") from None
+
+
+def check_model_overrides(config: ml_collections.ConfigDict) -> None:
+    """Refuses a ``model_overrides`` key the model does not take, with the options it does
+    (the model would raise a TypeError inside the trainer)."""
+    from ca_flax.models import create_model
+
+    options = sorted(f.name for f in dataclasses.fields(type(create_model(config.model))) if f.init
+                     and f.name not in ("parent", "name") and f.name not in MODEL_ARGS_FROM_CONFIG)
+    for key in config.get("model_overrides") or {}:
+        if key in MODEL_ARGS_FROM_CONFIG:
+            raise ValueError(f"--config.model_overrides.{key}: set by {MODEL_ARGS_FROM_CONFIG[key]}, not here.")
+        if key not in options:
+            raise ValueError(f"--config.model_overrides.{key}: {config.model} has no option {key!r}"
+                             f"{did_you_mean(key, options)}; its options: {', '.join(options)}.")
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    del argv  # parse_flags refused arguments that are not flags.
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
+    workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)
+    try:
+        check_workdir(workdir)
+    except ValueError as error:
+        fail(error)
     # Imported after flag parsing: JAX must see XLA_FLAGS and the distributed setup first.
     import jax
 
     from ca_flax.training import parallel
     from ca_flax.training.trainer import NonFiniteLossError, train_and_evaluate
 
-    workdir = FLAGS.workdir or _default_workdir()
     jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache_dir or os.path.join(workdir, ".jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     try:
         parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+        check_model_overrides(FLAGS.config)
         train_and_evaluate(FLAGS.config, workdir)
-    except (ValueError, FileNotFoundError, NonFiniteLossError) as error:
-        logging.error("%s", error)
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2 if not isinstance(error, NonFiniteLossError) else 3)
+    except (ValueError, FileNotFoundError) as error:
+        fail(error)
+    except NonFiniteLossError as error:
+        fail(error, 3)
     print(f"Workdir: {os.path.abspath(workdir)} (metrics.jsonl, tensorboard/, checkpoints/)")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -38,7 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Data.
     config.dataset = "digits"  # a TFDS name, 'digits' (bundled, offline) or 'folder' (data_dir/train, data_dir/val)
-    config.data_dir = None
+    config.data_dir = ml_collections.config_dict.placeholder(str)  # unset; a str field, so --config.data_dir=DIR works
     # 64, not 32: at 32 the last stages are 1x1 and 2x2 and SGD above lr 0.05 diverges.
     config.image_size = 64
     config.augment = ml_collections.ConfigDict(

@@ -24,7 +24,7 @@ def get_config(variant: str = "ca") -> ml_collections.ConfigDict:
     config.model = VARIANTS[variant]
     config.width_mult = 1.0
     config.dataset = "imagenet2012"
-    config.data_dir = None  # the TFDS data_dir holding prepared imagenet2012 (local or gs://)
+    config.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS dir with prepared imagenet2012, local or gs://
     config.image_size = 224
     config.augment = ml_collections.ConfigDict(
         {"area_range": (0.08, 1.0), "aspect_range": (0.75, 1.3333), "flip": True}

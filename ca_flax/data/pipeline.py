@@ -21,8 +21,11 @@ of batches and every example appears exactly once across processes.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -42,6 +45,71 @@ _SHUFFLE, _AUGMENT = 0, 1
 # Enough epochs to never run out (2**40 steps at one step per epoch).
 _MAX_EPOCHS = 2**40
 DEFAULT_SHUFFLE_BUFFER = 16_384
+
+
+class UndecodableImageError(ValueError):
+    """An image of the dataset cannot be decoded; the message names its file (or example)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """A train or eval pipeline before it is built: ``rows`` (this process's rows, in order)
+    become examples through ``preprocess`` and are batched ``local`` at a time.
+
+    ``replay(b)``, where given, rebuilds the rows from this iterator's batch ``b`` on, so a
+    batch that fails to decode can be decoded again row by row to name the bad file. None
+    for TFDS streams: replaying would re-read up to an epoch of records, and TFDS decodes
+    every image once when it prepares a dataset.
+    """
+
+    source: IndexedSource | StreamSource
+    split: str
+    rows: tf.data.Dataset
+    preprocess: Callable[..., dict[str, tf.Tensor]]
+    local: int
+    num_threads: int | None
+    replay: Callable[[int], tf.data.Dataset] | None
+
+    def dataset(self) -> tf.data.Dataset:
+        ds = self.rows.map(_plain(self.preprocess), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.batch(self.local, drop_remainder=True)  # Epochs hold whole batches: none straddles two.
+        return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(self.num_threads))
+
+    def batches(self) -> Iterator[Batch]:
+        """The numpy batches; an image that does not decode raises :class:`UndecodableImageError`
+        naming it, not a TensorFlow traceback from inside tf.data. Other TensorFlow errors
+        (I/O: a network filesystem that fails) pass through as they are."""
+        return self._named_errors(self.dataset().as_numpy_iterator())
+
+    def _named_errors(self, batches: Iterator[Batch]) -> Iterator[Batch]:
+        for index in itertools.count():
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except tf.errors.InvalidArgumentError as error:  # what the decode ops raise
+                raise UndecodableImageError(self._describe_failure(index, error)) from None
+            yield batch
+
+    def _describe_failure(self, index: int, error: tf.errors.OpError) -> str:
+        name = self.source.info.name
+        bad = self._bad_rows(index) if self.replay is not None else []
+        if not bad:  # A stream, or an error the rows alone do not reproduce.
+            return f"Dataset {name!r} ({self.split} split): batch {index} of this run failed: {_first_line(error)}."
+        return (
+            f"Dataset {name!r} ({self.split} split): cannot decode {'; '.join(bad)}. Replace or delete "
+            f"{'it' if len(bad) == 1 else 'them'} and rerun (a run resumes from its last checkpoint)."
+        )
+
+    def _bad_rows(self, index: int) -> list[str]:
+        """Each row of batch ``index`` decoded on its own (eagerly): where it comes from, and why it fails."""
+        bad = []
+        for row in self.replay(index).take(self.local):
+            try:
+                self.preprocess(*row)
+            except tf.errors.OpError as error:
+                bad.append(f"{self.source.describe(self.split, int(row[0]))} ({_first_line(error)})")
+        return bad
 
 
 def dataset_info(name: str, data_dir: str | os.PathLike | None = None) -> DatasetInfo:
@@ -96,6 +164,13 @@ def train_dataset(
     num_threads: int | None = None,
 ) -> tf.data.Dataset:
     """The ``tf.data.Dataset`` behind :func:`train_batches` (same arguments)."""
+    return _train_plan(**locals()).dataset()
+
+
+def _train_plan(
+    name: str, *, data_dir, image_size, global_batch_size, seed, start_step, process_index, process_count, augment,
+    dtype, shuffle_buffer_size, num_threads,
+) -> _Plan:
     local = _local_batch(global_batch_size, process_count)
     _check_process(process_index, process_count)
     if start_step < 0:
@@ -110,19 +185,23 @@ def train_dataset(
             f"training examples of {name!r}: not one full batch per epoch."
         )
     base_key = _base_key(seed)
-    start_epoch, start_offset = divmod(start_step, steps)
     out_dtype = tf.as_dtype(np.dtype(dtype))
     split = info.train_split
 
     # rows: (item, epoch, position); load(item) -> (image bytes, label) runs in the parallel
     # map below, so files are read concurrently, and only this process's rows are read.
     if isinstance(source, IndexedSource):
-        rows = _indexed_train(source, split, base_key, steps, global_batch_size, local, process_index,
-                              start_epoch, start_offset)
+
+        def replay(batch: int) -> tf.data.Dataset:  # the rows from this run's batch `batch` on
+            return _indexed_train(source, split, base_key, steps, global_batch_size, local, process_index,
+                                  *divmod(start_step + batch, steps))
+
+        rows = replay(0)
         load = source.reader(split)
     else:
         rows = _stream_train(source, split, base_key, steps, global_batch_size, local, process_index,
-                             start_epoch, start_offset, shuffle_buffer_size)
+                             *divmod(start_step, steps), shuffle_buffer_size)
+        replay = None
         load = _identity
 
     def preprocess(item, epoch, position):
@@ -131,9 +210,7 @@ def train_dataset(
         image = preprocess_train(image_bytes, key, image_size, augment)
         return {"image": tf.cast(image, out_dtype), "label": label}
 
-    ds = rows.map(_plain(preprocess), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(local, drop_remainder=True)  # Epochs hold whole batches: none straddles two.
-    return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(num_threads))
+    return _Plan(source, split, rows, preprocess, local, num_threads, replay)
 
 
 def train_batches(
@@ -175,12 +252,7 @@ def train_batches(
       shuffle_buffer_size: TFDS streams only (in-memory sources permute exactly).
       num_threads: tf.data's private thread pool size (``None``: all cores).
     """
-    ds = train_dataset(
-        name, data_dir=data_dir, image_size=image_size, global_batch_size=global_batch_size, seed=seed,
-        start_step=start_step, process_index=process_index, process_count=process_count, augment=augment,
-        dtype=dtype, shuffle_buffer_size=shuffle_buffer_size, num_threads=num_threads,
-    )
-    return ds.as_numpy_iterator()
+    return _train_plan(**locals()).batches()
 
 
 def eval_dataset(
@@ -196,6 +268,12 @@ def eval_dataset(
     num_threads: int | None = None,
 ) -> tf.data.Dataset:
     """The ``tf.data.Dataset`` behind :func:`eval_batches` (same arguments)."""
+    return _eval_plan(**locals()).dataset()
+
+
+def _eval_plan(
+    name: str, *, data_dir, image_size, global_batch_size, process_index, process_count, augment, dtype, num_threads,
+) -> _Plan:
     local = _local_batch(global_batch_size, process_count)
     _check_process(process_index, process_count)
     augment = default_augment(name) if augment is None else augment
@@ -213,13 +291,17 @@ def eval_dataset(
             position = _global_position(i, global_batch_size, local, process_index)
             return tf.minimum(position, n - 1), position < n
 
-        rows = tf.data.Dataset.range(num_batches * local).map(_plain(locate))
+        def replay(batch: int) -> tf.data.Dataset:
+            return tf.data.Dataset.range(batch * local, num_batches * local).map(_plain(locate))
+
+        rows = replay(0)
         load = source.reader(split)
     else:
         stream = source.stream(split)
         padded = stream.concatenate(stream.take(1).repeat(num_batches * global_batch_size - n))
         rows = padded.enumerate().filter(_process_filter(global_batch_size, local, process_index))
         rows = rows.map(_plain(lambda position, example: (example, position < n)))
+        replay = None
         load = _identity
 
     def preprocess(item, mask):
@@ -233,9 +315,7 @@ def eval_dataset(
         label = tf.where(mask, label, 0)
         return {"image": tf.cast(image, out_dtype), "label": label, "mask": mask}
 
-    ds = rows.map(_plain(preprocess), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(local, drop_remainder=True)
-    return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(num_threads))
+    return _Plan(source, split, rows, preprocess, local, num_threads, replay)
 
 
 def eval_batches(
@@ -263,12 +343,7 @@ def eval_batches(
     Args: as :func:`train_batches` (``augment`` gives ``eval_crop_fraction`` and
     ``resize_method``).
     """
-    ds = eval_dataset(
-        name, data_dir=data_dir, image_size=image_size, global_batch_size=global_batch_size,
-        process_index=process_index, process_count=process_count, augment=augment, dtype=dtype,
-        num_threads=num_threads,
-    )
-    return ds.as_numpy_iterator()
+    return _eval_plan(**locals()).batches()
 
 
 # ---------------------------------------------------------------------------------------
@@ -331,6 +406,13 @@ def _stream_train(source: StreamSource, split: str, base_key: tf.Tensor, steps: 
 
 def _identity(item):
     return item
+
+
+def _first_line(error: tf.errors.OpError) -> str:
+    """TensorFlow's message without the function and op context around it."""
+    line = (error.message or type(error).__name__).strip().splitlines()[0]
+    line = re.sub(r"^\{\{[^}]*\}\}\s*", "", line)  # {{function_node __wrapped__DecodeImage_device_...}}
+    return re.sub(r"\s*\[Op:.*$", "", line).rstrip(" .")  # [Op:DecodeImage] name:
 
 
 def _global_position(i: tf.Tensor, global_batch: int, local: int, process_index: int) -> tf.Tensor:

@@ -57,6 +57,12 @@ class IndexedSource:
     def num_examples(self, split: str) -> int:
         return len(self.labels[split])
 
+    def describe(self, split: str, index: int) -> str:
+        """Where example ``index`` of ``split`` comes from: its file, or its index."""
+        if self.encoded:
+            return f"{self.info.name!r} {split} example {index}"
+        return str(self.images[split][index])
+
     def reader(self, split: str):
         """Returns ``read(index) -> (image_bytes, label)`` for int64 index tensors."""
         images = tf.constant(self.images[split], tf.string)
@@ -113,6 +119,7 @@ def open_source(name: str, data_dir: str | os.PathLike | None = None) -> Source:
       ValueError: unknown name, missing or malformed directory, or unprepared TFDS data;
         the message says what was searched and how to fix it.
     """
+    data_dir = data_dir or None  # '' (e.g. --config.data_dir=) means unset, as None does.
     if name == "digits":
         return _digits()
     if name == "folder":
@@ -233,6 +240,12 @@ def _folder(data_dir: str | os.PathLike | None) -> IndexedSource:
 # TFDS
 
 
+def _missing(data_dir: str | None) -> str:
+    """', which does not exist' for a local data_dir that does not exist (a typo'd path is the usual cause)."""
+    exists = data_dir is None or "://" in data_dir or os.path.isdir(data_dir)
+    return "" if exists else ", which does not exist"
+
+
 def _tfds(name: str, data_dir: str | os.PathLike | None) -> StreamSource:
     """A TFDS builder over already-prepared data (never downloads or prepares)."""
     import tensorflow_datasets as tfds
@@ -260,7 +273,8 @@ def _tfds(name: str, data_dir: str | os.PathLike | None) -> StreamSource:
 
     prepare_hint = (
         f"TFDS dataset {name!r} is not prepared: no data in {builder.data_dir} "
-        f"(data_dir={data_dir or 'the TFDS default, ~/tensorflow_datasets'}). This pipeline never downloads; "
+        f"(data_dir={data_dir or 'the TFDS default, ~/tensorflow_datasets'}{_missing(data_dir)}). "
+        "This pipeline never downloads; "
         f"prepare it once with `tfds build {name.split(':')[0]} --data_dir=DIR` (ImageNet: put the "
         "official tars in DIR/downloads/manual first) and pass data_dir=DIR."
     )
