@@ -11,7 +11,9 @@ Layout::
 >>> model, variables = load_model('ckpt/mbv2_ca')
 
 A training workdir (``model.json`` + orbax ``checkpoints/<step>/``) reads the same way
-through :func:`restore`, which also returns the step.
+through :func:`restore`, which also returns the step; an unreadable newest step is
+skipped with a :class:`CheckpointWarning` (the workdir is never changed), and variables
+that do not fit the recorded model are refused (docs/workdir.md).
 
 Saving is atomic: everything is written into a temporary sibling directory that is
 renamed to ``DST`` only when complete, so an interrupted save never leaves a ``DST``
@@ -20,14 +22,19 @@ that looks valid.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import json
+import logging
 import os
 import secrets
 import shutil
+import sys
+import warnings
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -52,10 +59,20 @@ CONFIG_FIELDS = (
 )
 
 Variables = Mapping[str, Any]
+T = TypeVar("T")
 
 
 class CheckpointError(ValueError):
     """A model checkpoint cannot be written or read; the message names the path."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A checkpoint that reads but does not fit what it is restored into: every step of
+    it would fail alike, so it is refused rather than skipped as damaged."""
+
+
+class CheckpointWarning(UserWarning):
+    """An unreadable checkpoint step was skipped in favour of an older one."""
 
 
 def model_config(model: nn.Module) -> dict[str, Any]:
@@ -118,18 +135,32 @@ def abstract_variables(model: nn.Module) -> dict[str, Any]:
     return jax.tree_util.tree_map(lambda a: a, _SHAPES_CACHE[key])
 
 
-def variables_mismatch(expected: Variables, variables: Variables) -> list[str]:
-    """Differences between two variable trees (paths and shapes), one line each."""
-    flat_expected = _flatten(expected)
-    flat_given = _flatten(variables)
-    problems = [f"missing {p}" for p in flat_expected if p not in flat_given]
-    problems += [f"unexpected {p}" for p in flat_given if p not in flat_expected]
-    problems += [
-        f"{p}: shape {tuple(flat_given[p].shape)}, expected {tuple(flat_expected[p].shape)}"
-        for p in flat_expected
-        if p in flat_given and tuple(flat_given[p].shape) != tuple(flat_expected[p].shape)
-    ]
+def variables_mismatch(expected: Variables, variables: Variables, *, dtypes: bool = False) -> list[str]:
+    """Differences between two variable trees (paths, shapes and, with ``dtypes``, dtypes), one line each."""
+    return flat_mismatch(_flatten(expected), _flatten(variables), dtypes=dtypes)
+
+
+def flat_mismatch(expected: Mapping[str, Any], given: Mapping[str, Any], *, dtypes: bool = False) -> list[str]:
+    """Differences between two ``{path: array-like}`` dicts, one line each. A
+    ``ShapeDtypeStruct`` in ``given`` is missing: it is what a partial restore leaves
+    where the checkpoint has no array."""
+    absent = {p for p, leaf in given.items() if isinstance(leaf, jax.ShapeDtypeStruct)}
+    problems = [f"missing {p}" for p in expected if p not in given or p in absent]
+    problems += [f"unexpected {p}" for p in given if p not in expected]
+    for p in expected:
+        if p not in given or p in absent:
+            continue
+        if tuple(given[p].shape) != tuple(expected[p].shape):
+            problems.append(f"{p}: shape {tuple(given[p].shape)}, expected {tuple(expected[p].shape)}")
+        elif dtypes and jnp.dtype(given[p].dtype) != jnp.dtype(expected[p].dtype):
+            problems.append(f"{p}: dtype {jnp.dtype(given[p].dtype)}, expected {jnp.dtype(expected[p].dtype)}")
     return problems
+
+
+def summarize(problems: Sequence[str], shown: int = 3) -> str:
+    """The first ``shown`` of :func:`flat_mismatch`'s lines and how many more there are."""
+    more = f" (and {len(problems) - shown} more)" if len(problems) > shown else ""
+    return "; ".join(problems[:shown]) + more
 
 
 def _flatten(tree: Variables) -> dict[str, Any]:
@@ -260,7 +291,10 @@ def restore(path: str | os.PathLike[str], *, which: str = "latest") -> tuple[nn.
     A model checkpoint (``model.json`` + ``variables/``) is step 0. A training workdir
     (``model.json`` + ``checkpoints/<step>/{state,meta}``) gives its ``'latest'`` step or
     its ``'best'`` one (highest ``eval_top1``); only the parameters and BatchNorm
-    statistics are read, not the optimizer state.
+    statistics are read, not the optimizer state. A step that cannot be read is skipped
+    for the next older (or next best) one with a :class:`CheckpointWarning`; nothing is
+    changed on disk (a training run may hold the workdir). Variables that do not fit the
+    model ``model.json`` describes raise :class:`CheckpointMismatchError`.
     """
     if which not in ("latest", "best"):
         raise CheckpointError(f"which must be 'latest' or 'best', got {which!r}.")
@@ -275,10 +309,14 @@ def restore(path: str | os.PathLike[str], *, which: str = "latest") -> tuple[nn.
 
     try:
         if (path / VARIABLES_DIR).is_dir():
-            with ocp.StandardCheckpointer() as checkpointer:
-                return model, dict(checkpointer.restore(path / VARIABLES_DIR, abstract)), 0
+            with _abandoned_reads.reading(path), ocp.StandardCheckpointer() as checkpointer:
+                variables = dict(checkpointer.restore(path / VARIABLES_DIR, abstract))
+            _check_fits(path, 0, abstract, variables)
+            return model, variables, 0
         if (path / TRAINING_DIR).is_dir():
             return (model, *_restore_training_step(path / TRAINING_DIR, abstract, which))
+    except CheckpointError:
+        raise
     except (ValueError, KeyError, TypeError, FileNotFoundError) as error:
         message = str(error).strip().splitlines()
         raise CheckpointError(
@@ -291,32 +329,135 @@ def restore(path: str | os.PathLike[str], *, which: str = "latest") -> tuple[nn.
     )
 
 
+def _check_fits(path: Path, step: int, abstract: Variables, variables: Variables, dtypes: bool = True) -> None:
+    """Refuses ``variables`` (restored, or a step's stored metadata) that do not fit
+    ``abstract``: a partial restore would otherwise hand back the wrong shapes, or
+    ``ShapeDtypeStruct`` placeholders where the checkpoint lacks an array. Stored dtypes
+    may differ (``dtypes=False``): a restore casts to ``abstract``'s."""
+    problems = variables_mismatch(abstract, variables, dtypes=dtypes)
+    if problems:
+        raise CheckpointMismatchError(
+            f"{path}: the variables saved at step {step} do not fit the model its {METADATA_FILE} describes: "
+            f"{summarize(problems)}. {METADATA_FILE} and the checkpoint come from different models; "
+            f"restore the {METADATA_FILE} that was written with them."
+        )
+
+
 def _restore_training_step(directory: Path, abstract: dict[str, Any], which: str) -> tuple[dict[str, Any], int]:
     """Parameters and statistics of one step of a training run's orbax checkpoints."""
     import orbax.checkpoint as ocp
 
-    manager = ocp.CheckpointManager(directory, item_names=("state", "meta"))
+    # A PyTree handler reads the StandardSave'd state partially (not the optimizer state).
+    manager = ocp.CheckpointManager(
+        directory, item_handlers={"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+    )
     try:
-        steps = list(manager.all_steps())
+        steps = sorted(manager.all_steps(), reverse=True)
         if not steps:
             raise CheckpointError(f"{directory}: no complete training checkpoint.")
         if which == "best":
-            metric = {s: _read_step_meta(manager, s).get("metrics", {}).get(BEST_METRIC) for s in steps}
-            scored = [(m, s) for s, m in metric.items() if m is not None]
-            if not scored:
+            metric = {s: _step_metric(manager, s) for s in steps}
+            steps = sorted((s for s in steps if metric[s] is not None), key=lambda s: (metric[s], s), reverse=True)
+            if not steps:
                 raise CheckpointError(f"{directory}: no evaluated checkpoint, so no best one; use which='latest'.")
-            step = max(scored)[1]
-        else:
-            step = max(steps)
-        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
-        state = ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True)
-        restored = manager.restore(step, args=ocp.args.Composite(state=state))["state"]
+
+        def read(step: int) -> dict[str, Any]:
+            stored = manager.item_metadata(step)["state"]
+            if stored is not None:  # checked before reading: a mismatch is not damage
+                stored = {name: stored.tree.get(name, {}) for name in abstract}
+                _check_fits(directory.parent, step, abstract, stored, dtypes=False)
+            restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+            state = ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True)
+            restored = manager.restore(step, args=ocp.args.Composite(state=state))["state"]
+            variables = {name: restored[name] for name in abstract}
+            _check_fits(directory.parent, step, abstract, variables)
+            return variables
+
+        step, variables, damaged = read_newest_intact(directory, steps, read)
     finally:
         manager.close()
-    return {name: restored[name] for name in abstract}, int(step)
+    if damaged:
+        warnings.warn(CheckpointWarning(
+            f"{directory}: skipped unreadable {_describe_damaged(damaged)}; read step {step} instead."
+        ), stacklevel=3)
+    return variables, int(step)
 
 
-def _read_step_meta(manager: Any, step: int) -> dict[str, Any]:
+def _step_metric(manager: Any, step: int) -> float | None:
+    """The step's ``eval_top1``; None when it was not evaluated or its metadata is unreadable."""
     import orbax.checkpoint as ocp
 
-    return dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+    try:
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception:  # noqa: BLE001 - a damaged step is no candidate for the best one
+        return None
+    return dict(meta).get("metrics", {}).get(BEST_METRIC)
+
+
+def read_newest_intact(directory: Path, steps: Sequence[int], read: Callable[[int], T]) -> tuple[int, T, list[tuple[int, str]]]:
+    """``(step, read(step), damaged)`` for the first of ``steps`` (newest first) that
+    reads; ``damaged`` lists ``(step, what went wrong)`` for each one before it.
+
+    Anything ``read`` raises counts as damage except :class:`CheckpointMismatchError`,
+    which every step would raise alike and so propagates. When no step reads, raises
+    :class:`CheckpointError` listing them all: then the cause may as well be this
+    machine (memory, a file system), so nothing is to be set aside.
+    """
+    damaged: list[tuple[int, str]] = []
+    for step in steps:
+        try:
+            with _abandoned_reads.reading(directory / str(step)):
+                return step, read(step), damaged
+        except CheckpointMismatchError:
+            raise
+        except Exception as error:  # noqa: BLE001 - TensorStore, JSON and OS errors alike
+            first = (str(error).strip().splitlines() or [""])[0].split(" [tensorstore_spec=")[0]
+            damaged.append((step, f"{type(error).__name__}: {first[:300]}"))
+    raise CheckpointError(
+        f"{directory}: none of its {len(steps)} checkpoints can be read: {_describe_damaged(damaged)}. "
+        "If they are damaged, move them aside (or use another --workdir) to start over; nothing was changed."
+    )
+
+
+def _describe_damaged(damaged: Sequence[tuple[int, str]]) -> str:
+    return "; ".join(f"step {step} ({reason})" for step, reason in damaged)
+
+
+class _AbandonedReads:
+    """Keeps the reports of failed orbax reads off the console. A failed read abandons
+    one coroutine, task or TensorStore future per array, and each reports its own copy of
+    the error with a TensorStore spec when it is collected or completes, even after the
+    exception that failed the read was handled: hundreds of lines for one damaged file.
+    While a read runs every such report is dropped; afterwards, those that name a
+    checkpoint whose read failed (and the "Event loop is closed" of their late callbacks)."""
+
+    def __init__(self) -> None:
+        self.failed: set[str] = set()
+
+    def dropped(self, text: str) -> bool:
+        return bool(self.failed) and ("Event loop is closed" in text or any(p in text for p in self.failed))
+
+    @contextlib.contextmanager
+    def reading(self, path: Path) -> Iterator[None]:
+        previous, asyncio_log = sys.unraisablehook, logging.getLogger("asyncio")
+        sys.unraisablehook, asyncio_log.disabled = (lambda unraisable: None), True
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            gc.collect()  # the abandoned coroutines and tasks report when collected: here
+            sys.unraisablehook, asyncio_log.disabled = previous, False
+            if failed:
+                self._drop_later(f"{path}{os.sep}")
+
+    def _drop_later(self, path: str) -> None:
+        if not self.failed:  # the first failure installs the filters
+            logging.getLogger("asyncio").addFilter(
+                lambda record: not self.dropped(f"{record.getMessage()} {record.exc_info and record.exc_info[1]}"))
+            previous = sys.unraisablehook
+            sys.unraisablehook = lambda u: None if self.dropped(f"{u.exc_value} {u.object}") else previous(u)
+        self.failed.add(path)
+
+
+_abandoned_reads = _AbandonedReads()

@@ -5,6 +5,8 @@
 
 Prints top-1, top-5 and loss over every example of the evaluation split, exactly once
 (padded, masked batches), as JSON on the last line. Exit 2 with a message on bad input.
+An unreadable newest checkpoint of a workdir is skipped for the next older one with a
+warning; the workdir is only read (a run may be training in it).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import functools
 import json
 import math
 import sys
+import warnings
 from typing import Any
 
 import jax
@@ -83,10 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError:  # main() called after JAX started: keep the devices it has
         pass
     try:
-        result = evaluate_checkpoint(
-            args.checkpoint, dataset=args.dataset, data_dir=args.data_dir, image_size=args.image_size,
-            batch_size=args.batch_size, which=args.which,
-        )
+        with warnings.catch_warnings():
+            warnings.showwarning = _print_warning
+            result = evaluate_checkpoint(
+                args.checkpoint, dataset=args.dataset, data_dir=args.data_dir, image_size=args.image_size,
+                batch_size=args.batch_size, which=args.which,
+            )
     except (ValueError, CheckpointError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -94,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
           f"({result['eval_examples']} examples of {result['dataset']}, step {result['step']})")
     print(json.dumps(result))
     return 0
+
+
+def _print_warning(message: Warning | str, *args: Any, **kwargs: Any) -> None:
+    """A warning as one ``warning: ...`` line, like the errors."""
+    print(f"warning: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -166,14 +166,14 @@ def test_missing_variables(saved):
         load_model(saved)
 
 
-def test_restore_reads_a_training_workdir(tmp_path, model, variables):
-    """A trainer's workdir (model.json + orbax checkpoints/<step>/) loads like a model checkpoint."""
+@pytest.fixture
+def training_workdir(tmp_path, model, variables):
+    """A trainer's workdir: model.json + orbax checkpoints/<step>/ at steps 10 (best) and 20."""
     optax = pytest.importorskip("optax")
     from ca_flax.training.checkpointing import CheckpointManager
     from ca_flax.training.state import create_train_state
 
     save_model(tmp_path / "ckpt", model, variables)
-    assert restore(tmp_path / "ckpt")[2] == 0
     workdir = tmp_path / "workdir"
     workdir.mkdir()
     (workdir / "model.json").write_text((tmp_path / "ckpt" / "model.json").read_text())
@@ -183,12 +183,65 @@ def test_restore_reads_a_training_workdir(tmp_path, model, variables):
     manager.save(state.replace(step=10), {"metrics": {"eval_top1": 0.6}}, {"eval_top1": 0.6})
     manager.save(state.replace(step=20, **later), {"metrics": {"eval_top1": 0.5}}, {"eval_top1": 0.5})
     manager.close()
+    return workdir
 
-    loaded_model, loaded, step = restore(workdir)
+
+def test_restore_reads_a_training_workdir(tmp_path, training_workdir, model, variables):
+    """A trainer's workdir (model.json + orbax checkpoints/<step>/) loads like a model checkpoint."""
+    assert restore(tmp_path / "ckpt")[2] == 0
+    loaded_model, loaded, step = restore(training_workdir)
     assert loaded_model == model and step == 20
-    _assert_same(loaded, later)
-    _, best, step = restore(workdir, which="best")
+    _assert_same(loaded, jax.tree_util.tree_map(lambda x: x + 1, variables))
+    _, best, step = restore(training_workdir, which="best")
     assert step == 10
     _assert_same(best, variables)
     with pytest.raises(CheckpointError, match="which must be 'latest' or 'best'"):
-        restore(workdir, which="first")
+        restore(training_workdir, which="first")
+
+
+def _files(directory) -> dict:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("change, message", [
+    # model.json rewritten for another width (what a refused resume did before): the
+    # restore used to hand back the old width's arrays in a model of the new width.
+    ({"width_mult": 0.35}, r"step 20 do not fit the model its model.json describes: "
+                           r"batch_stats/blocks_0/depthwise/bn/mean: shape \(8,\), expected \(16,\)"),
+    # ... or another attention: the restore used to leave ShapeDtypeStruct placeholders.
+    ({"attention": "se", "attention_kwargs": None}, r"step 20 do not fit the model its model.json describes: missing "),
+], ids=["width", "attention"])
+def test_restore_refuses_variables_that_do_not_fit_the_model(training_workdir, change, message):
+    meta = json.loads((training_workdir / "model.json").read_text())
+    meta["config"].update(change)
+    (training_workdir / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(checkpoints.CheckpointMismatchError, match=message):
+        restore(training_workdir)
+
+
+def test_a_partial_restore_placeholder_counts_as_missing():
+    expected = {"params": {"w": np.zeros((2, 3), np.float32)}}
+    placeholder = {"params": {"w": jax.ShapeDtypeStruct((2, 3), np.float32)}}
+    assert checkpoints.variables_mismatch(expected, placeholder) == ["missing params/w"]
+    wrong_dtype = {"params": {"w": np.zeros((2, 3), np.float64)}}
+    assert checkpoints.variables_mismatch(expected, wrong_dtype) == []
+    assert checkpoints.variables_mismatch(expected, wrong_dtype, dtypes=True) == [
+        "params/w: dtype float64, expected float32"]
+
+
+def test_restore_skips_an_unreadable_newest_step_and_changes_nothing(training_workdir, variables, capfd):
+    for data in (training_workdir / "checkpoints" / "20" / "state").rglob("d/*"):
+        data.write_bytes(b"garbage")  # a garbled file of the newest step
+    before = _files(training_workdir)
+    with pytest.warns(checkpoints.CheckpointWarning, match=r"skipped unreadable step 20 \(ValueError: .*; read step 10"):
+        _, loaded, step = restore(training_workdir)
+    assert step == 10
+    _assert_same(loaded, variables)
+    assert _files(training_workdir) == before  # evaluation never changes a workdir
+    assert "TensorStore" not in capfd.readouterr().err  # not a page of TensorStore specs
+
+    import shutil
+
+    shutil.rmtree(training_workdir / "checkpoints" / "10" / "state")
+    with pytest.raises(CheckpointError, match=r"none of its 2 checkpoints can be read: step 20 \(ValueError.*step 10 \(.*nothing was changed"):
+        restore(training_workdir)

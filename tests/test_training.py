@@ -1,5 +1,7 @@
 """The trainer: optimizer and steps in-process; train.py end to end in subprocesses
-(resume after SIGKILL, SIGTERM, NaN, 8 devices, 2 processes, evaluation).
+(resume after SIGKILL, SIGTERM, Ctrl-C, NaN, 8 devices, 2 processes, evaluation) and the
+workdir under faults (another model or optimizer, a held workdir, an unreadable
+checkpoint, a finished run; docs/workdir.md).
 
 The end-to-end runs share one tiny configuration and one persistent compilation cache,
 so only the first run pays for compiling.
@@ -8,8 +10,11 @@ so only the first run pays for compiling.
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import signal
+import re
 import socket
 import subprocess
 import sys
@@ -174,6 +179,39 @@ def test_invalid_configs_fail_before_compiling(overrides, message, tmp_path, mon
     monkeypatch.setattr(trainer, "initial_variables", no_compile)
     with pytest.raises(ValueError, match=message):
         trainer.train_and_evaluate(_config(**overrides), tmp_path / "wd")
+    assert not (tmp_path / "wd").exists()
+
+
+@pytest.mark.parametrize("field, value, allowed", [
+    ("eval_batch_size", 0, "a positive integer"),  # trained, then crashed at the first evaluation
+    ("learning_rate", -0.1, "a number > 0"),  # trained by gradient ascent
+    ("learning_rate", math.inf, "a number > 0"),
+    ("momentum", 1.0, r"a number in \[0, 1\)"),
+    ("weight_decay", -1e-4, "a number >= 0"),
+    ("warmup_epochs", -1.0, "a number >= 0"),
+    ("label_smoothing", 1.0, r"a number in \[0, 1\)"),
+    ("keep_checkpoints", 0, "a positive integer"),
+    ("num_epochs", -1, "a number >= 0"),
+    ("num_train_steps", 2.5, r"an integer \(> 0 overrides num_epochs\)"),
+    ("batch_size", True, "a positive integer"),
+    ("image_size", 0, "a positive integer"),
+    ("log_every_steps", 0, "a positive integer"),
+    ("steps_per_call", -1, r"0 \(automatic\) or positive"),
+    ("width_mult", 0.0, "a number > 0"),
+    ("seed", 1.5, r"an integer in \[-2\*\*63, 2\*\*63\)"),
+    ("nesterov", "yes", "True or False"),
+    ("async_checkpoints", 1, "True or False"),
+    ("dataset", "", "a dataset name"),
+    ("init_from", 3, "a checkpoint directory, or '' for none"),
+    ("grad_clip_norm", -1.0, r"a number >= 0 \(0: no clipping\)"),  # optional: when the config has it
+])
+def test_validate_config_names_the_field_the_value_and_what_is_allowed(field, value, allowed):
+    from ca_flax.training.trainer import validate_config
+
+    # A fresh ConfigDict: assigning a value of another type to a field raises in ml_collections.
+    config = ml_collections.ConfigDict({**_config().to_dict(), field: value})
+    with pytest.raises(ValueError, match=rf"^{field} must be {allowed}, got {re.escape(repr(value))}\.$"):
+        validate_config(config)
 
 
 # -- train.py end to end ---------------------------------------------------------------
@@ -285,21 +323,82 @@ def test_sigkill_at_any_moment_then_rerun_is_bit_identical(baseline, cache, tmp_
     assert steps == sorted(set(steps))
 
 
-def test_sigterm_saves_and_exits_cleanly_then_resumes(cache, tmp_path):
-    workdir = tmp_path / "wd"
-    cmd = [sys.executable, str(REPO / "train.py"), f"--workdir={workdir}", f"--compilation_cache_dir={cache}", *TINY,
-           "--config.checkpoint_every_steps=100", "--config.num_train_steps=400", "--config.eval_every_steps=400"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+def start_train(workdir: Path, *flags: str, cache: Path) -> subprocess.Popen:
+    """``python train.py`` in the background, stdout and stderr in one text pipe."""
+    cmd = [sys.executable, str(REPO / "train.py"), f"--workdir={workdir}", f"--compilation_cache_dir={cache}",
+           *TINY, *flags]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **X64})
+
+
+def read_until(proc: subprocess.Popen, prefix: str) -> str:
+    """The output up to and including the first line starting with ``prefix``."""
+    seen = []
     for line in proc.stdout:
-        if line.startswith("step 4/"):
-            proc.send_signal(signal.SIGTERM)
-            break
-    out = proc.stdout.read()
-    assert proc.wait(timeout=120) == 0, out
+        seen.append(line)
+        if line.startswith(prefix):
+            return "".join(seen)
+    raise AssertionError(f"the run ended before printing {prefix!r}:\n{''.join(seen)[-3000:]}")
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The one ``error: ...`` line of a refused train.py."""
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    return lines[0]
+
+
+def test_ctrl_c_and_sigterm_save_and_exit_cleanly_and_a_held_workdir_is_refused(cache, tmp_path):
+    """Ctrl-C used to die with a traceback, leave its save unfinished forever and lose the
+    steps since the last checkpoint; a second run in the same workdir used to train too,
+    deleting the first one's checkpoints in progress."""
+    workdir = tmp_path / "wd"
+    long_run = ("--config.checkpoint_every_steps=100", "--config.num_train_steps=400", "--config.eval_every_steps=400")
+    first = start_train(workdir, *long_run, cache=cache)
+    out = read_until(first, "step 4/")
+
+    second = run_train(workdir, *long_run, cache=cache, check=False, timeout=120)
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert f"{workdir} is in use by another training run (pid {first.pid} on host {socket.gethostname()})" in (
+        error_line(second))
+
+    first.send_signal(signal.SIGINT)
+    out += first.stdout.read()
+    assert first.wait(timeout=120) == 0, out
+    assert "Ctrl-C: saving after the current step" in out and "SIGINT received: saved step" in out
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
+    saved = int(out.split("SIGINT received: saved step ")[1].split()[0])
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir())  # all finished: names are numbers
+    assert saved >= 4 and max(steps) == saved
+    assert (workdir / ".lock").read_text() == ""  # released: it names no holder
+
+    # What a run killed mid-save leaves: the next run removes it, then resumes.
+    unfinished = workdir / "checkpoints" / f"{saved + 2}.orbax-checkpoint-tmp"
+    (unfinished / "state").mkdir(parents=True)
+    resumed = start_train(workdir, *long_run, cache=cache)
+    out = read_until(resumed, "Resumed from")
+    out += read_until(resumed, "step ")
+    resumed.send_signal(signal.SIGTERM)
+    out += resumed.stdout.read()
+    assert resumed.wait(timeout=120) == 0, out
+    assert f"Removed {unfinished.name}" in out and f"(step {saved} of 400)" in out
     assert "SIGTERM received: saved step" in out
-    saved = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
-    assert saved and 4 <= max(saved) < 400
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir())  # all finished: names are numbers
+    assert saved in steps and saved < max(steps) < 400
+
+
+def test_a_second_ctrl_c_exits_at_once_without_saving(monkeypatch, capfd):
+    from ca_flax.training import trainer
+
+    exits = []
+    monkeypatch.setattr(trainer.os, "_exit", exits.append)
+    with trainer._Preemption() as preemption:
+        signal.raise_signal(signal.SIGINT)
+        assert preemption.requested and preemption.name == "SIGINT" and exits == []
+        signal.raise_signal(signal.SIGINT)
+        assert exits == [130]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert "Ctrl-C again stops without saving" in capfd.readouterr().out
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(cache, tmp_path):
@@ -356,6 +455,12 @@ def test_two_processes_match_one_process(baseline, cache, tmp_path):
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
     assert "in 2 process(es)" in outputs[0]
     assert_same_run(baseline, workdir)
+    # Process 0 alone writes the workdir's files; process 1 only its share of each checkpoint.
+    assert sorted(p.name for p in workdir.iterdir()) == [".lock", "checkpoints", "metrics.jsonl", "model.json",
+                                                         "tensorboard"]
+    assert len(list((workdir / "tensorboard").iterdir())) == 1
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == len(set(lines)) == len(read_metrics(baseline))
 
 
 def test_bfloat16_computes_in_bf16_and_keeps_parameters_statistics_and_optimizer_in_float32():
@@ -401,3 +506,120 @@ def test_preset_configs_load_and_validate(name, expected):
     from ca_flax.training.trainer import build_model
 
     assert build_model(config, num_classes=1000).num_classes == 1000
+
+
+# -- the workdir under faults (docs/workdir.md) ----------------------------------------
+
+
+def workdir_files(workdir: Path) -> dict[str, bytes]:
+    """Every file of ``workdir`` with its bytes: a refused run must leave them all as they were."""
+    return {str(p.relative_to(workdir)): p.read_bytes() for p in sorted(workdir.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def baseline_copy(baseline, tmp_path) -> Path:
+    workdir = tmp_path / "wd"
+    shutil.copytree(baseline, workdir)
+    return workdir
+
+
+def tiny_config(**overrides) -> ml_collections.ConfigDict:
+    """TINY as an in-process config, in float32 (64-bit JAX is off here; the baseline's
+    float64 checkpoints restore cast)."""
+    config = _config()
+    for flag in TINY:
+        name, value = flag[len("--config."):].split("=")
+        config[name] = type(config[name])(value)
+    config.update(dtype="float32", param_dtype="float32", **overrides)
+    return config
+
+
+def no_compile(*args, **kwargs):
+    raise AssertionError("compiled, though the run had to stop before")
+
+
+def test_a_rerun_with_another_model_is_refused_and_changes_nothing(baseline_copy, cache):
+    """It used to write model.json first, and Orbax then refused with a 1,158-line tree
+    diff suggesting strict=False; the workdir then restored into the wrong model."""
+    before = workdir_files(baseline_copy)
+    result = run_train(baseline_copy, "--config.width_mult=0.5", "--config.model=mobilenetv2_se", cache=cache,
+                       check=False, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    message = error_line(result)
+    for part in (f"{baseline_copy} holds checkpoints of another model than this run's",
+                 'attention "ca" there, "se" in this run', "width_mult 0.25 there, 0.5 in this run",
+                 "another --workdir", "--config.model=mobilenetv2_ca --config.width_mult=0.25"):
+        assert part in message, message
+    assert "strict" not in result.stderr and "partial_restore" not in result.stderr
+    assert workdir_files(baseline_copy) == before
+
+
+def test_a_resume_the_optimizer_state_does_not_fit_is_refused_before_compiling(baseline_copy, monkeypatch):
+    """Gradient clipping switched on (as an optional grad_clip_norm would) adds a state
+    to the optimizer chain, so the saved optimizer state no longer fits."""
+    from ca_flax.training import trainer
+
+    def create_optimizer(config, schedule):
+        tx = optim.create_optimizer(config, schedule)
+        return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx) if config.get("grad_clip_norm") else tx
+
+    monkeypatch.setattr(trainer, "create_optimizer", create_optimizer)
+    monkeypatch.setattr(trainer, "initial_variables", no_compile)
+    monkeypatch.setattr(trainer, "_compile", no_compile)
+    config = tiny_config(num_train_steps=16)
+    config.grad_clip_norm = 1.0
+    before = workdir_files(baseline_copy)
+    with pytest.raises(ValueError, match=r"checkpoints/8 holds a training state this run cannot continue: its "
+                                         r"opt_state differs from this run's \(missing opt_state/1/"
+                                         r".*The settings changed: grad_clip_norm unset there, 1.0 in this run\. "
+                                         r".*nothing was changed\. Use another --workdir"):
+        trainer.train_and_evaluate(config, baseline_copy)
+    assert workdir_files(baseline_copy) == before
+
+
+def test_a_rerun_of_a_finished_run_trains_nothing_and_changes_nothing(baseline_copy, cache, monkeypatch, capsys):
+    """It used to print "step 8 of 4", then "Done"."""
+    from ca_flax.training import trainer
+
+    before = workdir_files(baseline_copy)
+    result = run_train(baseline_copy, "--config.num_train_steps=4", cache=cache, timeout=120)
+    assert (f"{baseline_copy} already holds step 8, past this run's 4 steps: nothing to train. Use another --workdir "
+            "or raise num_train_steps") in result.stdout
+    assert "Resumed" not in result.stdout and "Done" not in result.stdout
+    assert workdir_files(baseline_copy) == before
+
+    monkeypatch.setattr(trainer, "initial_variables", no_compile)
+    monkeypatch.setattr(trainer, "_compile", no_compile)
+    last_eval = trainer.train_and_evaluate(tiny_config(), baseline_copy)  # exactly at the last step
+    assert "already holds step 8, this run's last: nothing to train" in capsys.readouterr().out
+    assert last_eval == pytest.approx({k: v for k, v in read_metrics(baseline_copy)[-1].items() if k != "step"} | {
+        "eval_examples": 360})
+    assert workdir_files(baseline_copy) == before
+
+
+def test_an_invalid_config_field_is_one_line_exit_2_before_anything(cache, tmp_path):
+    """eval_batch_size=0 used to train, then crash at the first evaluation, unsaved."""
+    result = run_train(tmp_path / "wd", "--config.eval_batch_size=0", cache=cache, check=False, timeout=120)
+    assert result.returncode == 2 and error_line(result) == "error: eval_batch_size must be a positive integer, got 0."
+    assert not (tmp_path / "wd").exists()
+
+
+def test_an_unreadable_newest_checkpoint_is_set_aside_and_the_run_resumes_before_it(baseline, baseline_copy, cache):
+    """A garbled file of the newest step used to stop the run with 150 lines of TensorStore."""
+    from ca_flax.checkpoints import CheckpointWarning, restore
+
+    for data in (baseline_copy / "checkpoints" / "8" / "state").rglob("d/*"):
+        data.write_bytes(b"garbage")
+    with pytest.warns(CheckpointWarning, match=r"skipped unreadable step 8 \(ValueError: .*\); read step 6 instead"):
+        assert restore(baseline_copy)[2] == 6  # evaluation falls back too, changing nothing
+
+    result = run_train(baseline_copy, cache=cache)
+    assert "warning: checkpoint step 8 is unreadable (ValueError: " in result.stdout
+    assert f"moved it to {baseline_copy / 'checkpoints' / '8.corrupt'}" in result.stdout
+    assert f"Resumed from {baseline_copy / 'checkpoints' / '6'}" in result.stdout
+    assert "tensorstore_spec" not in result.stderr and "Traceback" not in result.stderr
+    kept = {p.name for p in (baseline_copy / "checkpoints").iterdir()}
+    assert {"6", "8", "8.corrupt"} <= kept  # the intact ones stay; the bad one is kept aside, out of the count
+    for a, b in zip(jax.tree_util.tree_leaves(final_variables(baseline)),
+                    jax.tree_util.tree_leaves(final_variables(baseline_copy))):
+        np.testing.assert_array_equal(a, b)  # steps 7 and 8 trained again, exactly

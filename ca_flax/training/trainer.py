@@ -7,19 +7,27 @@
   killed at any moment and rerun ends bit-identical to an uninterrupted one (on CPU).
 - No checkpoint is written from a state whose loss went non-finite: losses are checked
   before every save, and the run stops with an error naming the first bad step.
-- SIGTERM (a preemption notice) saves the current step and returns normally.
+- SIGTERM (a preemption notice) and SIGINT (Ctrl-C) save the current step and return
+  normally (train.py exits 0); a second Ctrl-C stops at once (exit 130) without saving.
+- A workdir is only changed by the run that holds its lock, and a rerun that cannot
+  continue it (another model or optimizer, every checkpoint unreadable) changes nothing
+  (ca_flax/training/workdir.py, docs/workdir.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import gc
 import json
+import math
+import os
 import signal
+import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -29,10 +37,12 @@ import numpy as np
 from ca_flax import data
 from ca_flax.data import synthetic
 from ca_flax.inference import predict_fn
-from ca_flax.checkpoints import FORMAT, METADATA_FILE, VERSION, model_config, read_metadata, restore
+from ca_flax.checkpoints import (
+    FORMAT, METADATA_FILE, VERSION, abstract_variables, model_config, read_metadata, restore,
+)
 from ca_flax.models import create_model
-from ca_flax.training import parallel
-from ca_flax.training.checkpointing import BEST_METRIC, CheckpointManager
+from ca_flax.training import parallel, workdir as workdir_guard
+from ca_flax.training.checkpointing import BEST_METRIC, CheckpointManager, remove_unfinished
 from ca_flax.training.metrics import MetricWriter, Throughput, console, format_eta
 from ca_flax.training.optim import create_optimizer, learning_rate_schedule
 from ca_flax.training.state import TrainState, create_train_state
@@ -56,10 +66,13 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> Any:
         if value == "float64" and not jax.config.jax_enable_x64:
             raise ValueError(f"{name}='float64' needs 64-bit JAX: set JAX_ENABLE_X64=1 in the environment.")
     overrides = dict(config.get("model_overrides", {}) or {})
-    return create_model(
-        config.model, num_classes=num_classes, width_mult=config.width_mult, dtype=DTYPES[config.dtype],
-        param_dtype=DTYPES[param_dtype], **overrides,
-    )
+    try:
+        return create_model(
+            config.model, num_classes=num_classes, width_mult=config.width_mult, dtype=DTYPES[config.dtype],
+            param_dtype=DTYPES[param_dtype], **overrides,
+        )
+    except TypeError as error:  # an unknown model_overrides key
+        raise ValueError(f"model_overrides={overrides!r}: {error}") from None
 
 
 def plan_steps(config: ml_collections.ConfigDict, num_train: int) -> tuple[int, int]:
@@ -110,16 +123,76 @@ def steps_per_call(config: ml_collections.ConfigDict, total_steps: int, start_st
     return requested
 
 
+_INT, _REAL, _BOOL, _TEXT = (int,), (int, float), (bool,), (str,)
+_positive = (_INT, lambda v: v >= 1, "a positive integer")
+# The type, test and allowed values (in words) of every field of configs/default.py but
+# dtype and param_dtype (build_model checks those) and model_overrides and augment
+# (their classes check them). Fields read with config.get may be absent.
+_FIELDS: dict[str, tuple[tuple[type, ...], Callable[[Any], bool], str]] = {
+    "model": (_TEXT, bool, "a model name"),
+    "width_mult": (_REAL, lambda v: v > 0, "a number > 0"),
+    "dataset": (_TEXT, bool, "a dataset name"),
+    "data_dir": ((str, type(None)), lambda v: True, "a directory or None"),
+    "image_size": _positive,
+    "optimizer": (_TEXT, bool, "an optimizer name"),
+    "batch_size": _positive,
+    "eval_batch_size": _positive,
+    "num_epochs": (_REAL, lambda v: v >= 0, "a number >= 0"),
+    "num_train_steps": (_INT, lambda v: True, "an integer (> 0 overrides num_epochs)"),
+    "learning_rate": (_REAL, lambda v: v > 0, "a number > 0"),
+    "momentum": (_REAL, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "nesterov": (_BOOL, lambda v: True, "True or False"),
+    "weight_decay": (_REAL, lambda v: v >= 0, "a number >= 0"),
+    "weight_decay_exclude_norm_and_bias": (_BOOL, lambda v: True, "True or False"),
+    "warmup_epochs": (_REAL, lambda v: v >= 0, "a number >= 0"),
+    "label_smoothing": (_REAL, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "grad_clip_norm": (_REAL, lambda v: v >= 0, "a number >= 0 (0: no clipping)"),
+    "seed": (_INT, lambda v: -2**63 <= v < 2**63, "an integer in [-2**63, 2**63)"),
+    "log_every_steps": _positive,
+    "eval_every_steps": _positive,
+    "checkpoint_every_steps": _positive,
+    "steps_per_call": (_INT, lambda v: v >= 0, "0 (automatic) or positive"),
+    "keep_checkpoints": _positive,
+    "async_checkpoints": (_BOOL, lambda v: True, "True or False"),
+    "init_from": ((str, type(None)), lambda v: True, "a checkpoint directory, or '' for none"),
+}
+_OPTIONAL_FIELDS = {"nesterov", "weight_decay_exclude_norm_and_bias", "grad_clip_norm", "steps_per_call",
+                    "async_checkpoints"}
+# The settings that shape the optimizer state, saved with every checkpoint so that a
+# resume the state does not fit can name what changed.
+_OPTIMIZER_FIELDS = ("optimizer", "momentum", "nesterov", "weight_decay", "weight_decay_exclude_norm_and_bias",
+                     "grad_clip_norm")
+
+
+def check_fields(config: ml_collections.ConfigDict) -> None:
+    """The type and range of every field (:data:`_FIELDS`); the error names the field,
+    the value and what is allowed."""
+    for name, (types, ok, allowed) in _FIELDS.items():
+        if name not in config:
+            if name in _OPTIONAL_FIELDS:
+                continue
+            raise ValueError(f"The config has no {name} ({allowed}); see configs/default.py.")
+        value = config[name]
+        numeric = types in (_INT, _REAL)
+        if (not isinstance(value, types) or (numeric and isinstance(value, bool))
+                or (isinstance(value, float) and not math.isfinite(value)) or not ok(value)):
+            raise ValueError(f"{name} must be {allowed}, got {value!r}.")
+
+
 def validate_config(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
     """Every check that can fail before anything compiles: returns (dataset info, model)."""
-    for name in ("batch_size", "image_size", "log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
-        if int(config[name]) < 1:
-            raise ValueError(f"{name} must be a positive integer, got {config[name]!r}.")
+    check_fields(config)
     parallel.check_batch_divisible(config.batch_size)
     parallel.check_batch_divisible(config.eval_batch_size, "eval_batch_size")
+    try:
+        _augment(config)
+    except TypeError as error:  # an unknown augment key
+        raise ValueError(f"augment={dict(config.augment)!r}: {error}") from None
     info = synthetic.info() if config.dataset == synthetic.NAME else data.validate_dataset(config.dataset, config.data_dir)
     model = build_model(config, info.num_classes)
-    steps_per_call(config, plan_steps(config, info.num_train)[1])
+    steps_per_epoch, total_steps = plan_steps(config, info.num_train)
+    steps_per_call(config, total_steps)
+    create_optimizer(config, learning_rate_schedule(config, steps_per_epoch, total_steps))
     if config.init_from:
         read_metadata(config.init_from)  # a model checkpoint or a training workdir
     return info, model
@@ -173,6 +246,13 @@ def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
     return tree
 
 
+def _state_shapes(model: Any, tx: Any, rng: jax.Array, sharding: Any) -> TrainState:
+    """The train state's structure, shapes, dtypes and ``sharding``, computed abstractly
+    (no compile): what a resume restores into before anything else is done."""
+    shapes = jax.eval_shape(lambda v, r: create_train_state(model, v, tx, r), abstract_variables(model), rng)
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
+
+
 def write_model_json(workdir: Path, model: Any, config: ml_collections.ConfigDict) -> None:
     """``WORKDIR/model.json``: the model checkpoint format's metadata, so a training
     workdir loads like a converted checkpoint (``ca_flax.checkpoints.restore``)."""
@@ -188,26 +268,45 @@ def write_model_json(workdir: Path, model: Any, config: ml_collections.ConfigDic
     tmp.replace(workdir / METADATA_FILE)
 
 
+def _say(line: str) -> None:
+    """A console line from a signal handler: one unbuffered write, since the handler may
+    run while the main thread is inside ``print`` (a reentrant print raises)."""
+    if jax.process_index() == 0:
+        os.write(sys.stdout.fileno(), (line + "\n").encode())
+
+
 class _Preemption:
-    """Turns SIGTERM into a flag the loop checks between steps."""
+    """Turns SIGTERM (a preemption notice) and SIGINT (Ctrl-C) into a flag the loop checks
+    between steps. A second Ctrl-C exits at once with 130 (the shell's code for Ctrl-C),
+    saving nothing: the rerun resumes from the last finished checkpoint and removes the
+    unfinished one; the kernel releases the workdir's lock."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self.name = "A stop signal to another process"  # what the message names
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "_Preemption":
         try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         except ValueError:  # not the main thread: no signal handling
-            self._previous = None
+            self._previous = {}
         return self
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
+        if signum == signal.SIGINT and self.requested:
+            _say("Second Ctrl-C: stopping now without saving; rerun to resume from the last checkpoint.")
+            os._exit(128 + signal.SIGINT)
+        if signum == signal.SIGINT and not self.requested:
+            _say("Ctrl-C: saving after the current step; Ctrl-C again stops without saving.")
+        if not self.requested:
+            self.requested, self.name = True, signal.Signals(signum).name
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
     def agreed(self) -> bool:
         """True when any process was asked to stop (all processes then stop together)."""
@@ -241,32 +340,61 @@ def evaluate(
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
     """Trains ``config`` in ``workdir``, resuming from its latest checkpoint if any.
 
-    Returns the last evaluation's metrics. Raises ValueError for invalid configs (before
-    compiling) and :class:`NonFiniteLossError` when the loss diverges.
+    Returns the last evaluation's metrics. Raises ValueError, before compiling and
+    without changing the workdir, for invalid configs and for workdirs it must not
+    continue (another model's or optimizer's, held by another run, every checkpoint
+    unreadable), and :class:`NonFiniteLossError` when the loss diverges. A workdir that
+    already holds the last step is left as it is (its last evaluation is returned).
     """
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     info, model = validate_config(config)
-    steps_per_epoch, total_steps = plan_steps(config, info.num_train)
-    write_model_json(workdir, model, config)
+    workdir_guard.check_model(workdir, model, config)
+    # Process 0 writes the workdir's files (the others only their share of each checkpoint).
+    with workdir_guard.hold(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+        return _train_in_held_workdir(config, workdir, info, model)
 
+
+def _train_in_held_workdir(config: ml_collections.ConfigDict, workdir: Path, info: Any, model: Any) -> dict[str, float]:
+    """The rest of :func:`train_and_evaluate`, once this process holds the workdir (or is not process 0)."""
+    steps_per_epoch, total_steps = plan_steps(config, info.num_train)
     mesh = parallel.make_mesh()
     batch_sharding, replicated = parallel.data_sharding(mesh), parallel.replicated(mesh)
     schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
     tx = create_optimizer(config, schedule)
 
     rng_init, rng_train = jax.random.split(jax.random.PRNGKey(config.seed))
-    variables = initial_variables(model, config, rng_init)
-    state = jax.device_put(create_train_state(model, variables, tx, rng_train), replicated)
-
+    settings = {name: config[name] for name in _OPTIMIZER_FIELDS if name in config}
     checkpoints = CheckpointManager(workdir, keep=config.keep_checkpoints, async_save=config.get("async_checkpoints", True))
+    try:
+        resumed = checkpoints.restore_latest_intact(_state_shapes(model, tx, rng_train, replicated), settings)
+    except BaseException:
+        checkpoints.close()
+        raise
     start_step = 0
     last_eval: dict[str, float] = {}
-    if checkpoints.latest_step() is not None:
-        state, meta = checkpoints.restore(state)
+    if resumed is not None:
+        state, meta, set_aside = resumed
+        for step, reason, path in set_aside:
+            console(f"warning: checkpoint step {step} is unreadable ({reason}); moved it to {path}.")
         start_step = int(meta["step"])
         last_eval = dict(meta.get("metrics", {}))
+        if start_step >= total_steps:
+            checkpoints.close()
+            console(
+                f"{workdir} already holds step {start_step}, "
+                + ("this run's last" if start_step == total_steps else f"past this run's {total_steps} steps")
+                + ": nothing to train. Use another --workdir or raise num_train_steps (or num_epochs)."
+            )
+            return last_eval
         console(f"Resumed from {checkpoints.directory / str(start_step)} (step {start_step} of {total_steps}).")
+    # The run continues this workdir: from here on it changes it.
+    if jax.process_index() == 0:
+        for name in remove_unfinished(checkpoints.directory):
+            console(f"Removed {name}: a checkpoint an earlier run did not finish saving.")
+    write_model_json(workdir, model, config)
+    if resumed is None:
+        variables = initial_variables(model, config, rng_init)
+        state = jax.device_put(create_train_state(model, variables, tx, rng_train), replicated)
     writer = MetricWriter(workdir, resume_step=start_step)
 
     per_call = steps_per_call(config, total_steps, start_step)
@@ -286,7 +414,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     eval_batches = functools.partial(_eval_batches, config)
 
     def meta_for(step: int, metrics: dict[str, float]) -> dict[str, Any]:
-        return {"step": step, "data_position": step, "epoch": step / steps_per_epoch, "metrics": metrics}
+        return {"step": step, "data_position": step, "epoch": step / steps_per_epoch, "metrics": metrics,
+                "settings": settings}
 
     pending_losses: list[tuple[int, jax.Array]] = []  # (first step, its call's losses)
 
@@ -377,10 +506,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 checkpoints.save(state, meta_for(step, last_eval if evaluated else {}), metrics_for_ranking)
             if preempted:
                 checkpoints.wait()
-                console(f"SIGTERM received: saved step {step} to {checkpoints.directory}; rerun to resume.")
+                console(f"{preemption.name} received: saved step {step} to {checkpoints.directory}; rerun to resume.")
                 break
+        checkpoints.wait()  # still under the handlers: a Ctrl-C now does not cut the last save short
 
-    checkpoints.wait()
     checkpoints.close()
     writer.close()
     if step >= total_steps:
