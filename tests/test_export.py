@@ -100,6 +100,33 @@ def test_command_exports_a_checkpoint_to_onnx_verified(tmp_path, checkpoint, cap
     assert _leftovers(tmp_path) == []
 
 
+def test_command_exports_a_training_workdir_at_its_recorded_size(tmp_path, capsys):
+    """A workdir as train.py leaves it (model.json + orbax checkpoints/<step>/{state,meta},
+    written here with orbax directly): its step, its image size, its files' sha256."""
+    import orbax.checkpoint as ocp
+
+    from ca_flax.checkpoints import model_config
+
+    model, variables = _tiny("se", 33)
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "model.json").write_text(json.dumps({
+        "format": "ca-flax-model", "version": 1, "architecture": "MobileNetV2", "config": model_config(model),
+        "source": {"trained_by": "ca_flax train.py", "dataset": "digits", "image_size": 33}}))
+    state = {"step": np.int32(7), **variables, "opt_state": {}, "rng": np.zeros(2, np.uint32)}
+    with ocp.CheckpointManager(workdir / "checkpoints", item_names=("state", "meta")) as manager:
+        manager.save(7, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({})))
+        manager.wait_until_finished()
+    output = tmp_path / "model.tflite"
+    assert main([str(workdir), str(output)]) == 0
+    sidecar = json.loads(sidecar_path(output).read_text())
+    assert sidecar["input"]["shape"] == [1, 33, 33, 3] and sidecar["verification"]["passed"]
+    assert (sidecar["source"]["kind"], sidecar["source"]["step"]) == ("training workdir", 7)
+    assert sidecar["source"]["sha256"] == checkpoint_sha256(workdir, 7)
+    assert checkpoint_files(workdir, 7)[0].startswith("checkpoints/7/") and "model.json" in checkpoint_files(workdir, 7)
+    assert "verified in" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "attention, size, suffix",
     [("ca", 33, ".tflite"), ("se", 32, ".onnx"), ("cbam", 32, ".tflite"), (None, 33, ".onnx")],

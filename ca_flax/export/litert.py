@@ -98,8 +98,9 @@ def tflite_io(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
 def tflite_ops(path: str | os.PathLike[str]) -> Counter[str]:
     """How many of each op the file holds (read without delegates, which would hide them)."""
     module = _interpreter_module()
+    resolvers = getattr(module, "OpResolverType", None) or module.experimental.OpResolverType  # tf.lite keeps it there
     interpreter = module.Interpreter(
-        model_path=os.fspath(path), experimental_op_resolver_type=module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        model_path=os.fspath(path), experimental_op_resolver_type=resolvers.BUILTIN_WITHOUT_DEFAULT_DELEGATES
     )
     interpreter.allocate_tensors()
     return Counter(op["op_name"] for op in interpreter._get_ops_details())
