@@ -5,6 +5,7 @@
 """
 
 from ca_flax.models.mobilenetv2 import STAGES, InvertedResidual, MobileNetV2, make_divisible
+from ca_flax.models.plain import plain_modules
 from ca_flax.models.registry import create_model, describe_model, list_models, model_defaults, register_model
 
 # The paper's four networks (Table 4 of the CA paper): same backbone, the attention differs.
@@ -35,5 +36,6 @@ __all__ = [
     "list_models",
     "make_divisible",
     "model_defaults",
+    "plain_modules",
     "register_model",
 ]

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from ca_flax import native
 from ca_flax.attention.common import GATE_SCOPE
+from ca_flax.models.plain import plain_modules
 
 _MAC_PRIMITIVES = ("conv_general_dilated", "dot_general")
 
@@ -123,16 +123,11 @@ def summarize(model: nn.Module, input_shape: tuple[int, ...] = (1, 224, 224, 3),
     """
     if depth < 1:
         raise ValueError(f"depth must be >= 1, got {depth}.")
-    # Depthwise convolutions as one XLA op each, so they are costed as convolutions;
-    # the parameters and the arithmetic are the same for every implementation. The whole
-    # batch in one pass, and no native kernels: XLA's cost analysis sees every product.
-    fields = {f.name for f in dataclasses.fields(model)}
-    if "depthwise_impl" in fields:
-        model = model.clone(depthwise_impl="xla")
-    if "eval_micro_batch" in fields:
-        model = model.clone(eval_micro_batch=None)
+    # Plain modules: each depthwise convolution one XLA op, costed as a convolution (the
+    # parameters and arithmetic are the same for every implementation), the whole batch
+    # in one pass, no native kernels, so XLA's cost analysis sees every product.
     x = jax.ShapeDtypeStruct(input_shape, jnp.float32)
-    with native.disabled():
+    with plain_modules(model) as model:
         variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0), x)
         calls = _record_calls(model, variables, x, depth)
         jaxpr = jax.make_jaxpr(functools.partial(model.apply, train=False))(variables, x)
