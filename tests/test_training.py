@@ -555,8 +555,8 @@ def test_a_rerun_with_another_model_is_refused_and_changes_nothing(baseline_copy
 
 
 def test_a_resume_the_optimizer_state_does_not_fit_is_refused_before_compiling(baseline_copy, monkeypatch):
-    """Gradient clipping switched on (as an optional grad_clip_norm would) adds a state
-    to the optimizer chain, so the saved optimizer state no longer fits."""
+    """An optimizer whose clipping adds a state to the chain (the real grad_clip_norm keeps
+    the state as it is), switched to another threshold, so the saved state no longer fits."""
     from ca_flax.training import trainer
 
     def create_optimizer(config, schedule):
@@ -571,7 +571,7 @@ def test_a_resume_the_optimizer_state_does_not_fit_is_refused_before_compiling(b
     before = workdir_files(baseline_copy)
     with pytest.raises(ValueError, match=r"checkpoints/8 holds a training state this run cannot continue: its "
                                          r"opt_state differs from this run's \(missing opt_state/1/"
-                                         r".*The settings changed: grad_clip_norm unset there, 1.0 in this run\. "
+                                         r".*The settings changed: grad_clip_norm \S+ there, 1.0 in this run\. "
                                          r".*nothing was changed\. Use another --workdir"):
         trainer.train_and_evaluate(config, baseline_copy)
     assert workdir_files(baseline_copy) == before
