@@ -166,6 +166,10 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = FLAGS) -> l
     ``--help``/``--helpfull`` print the flags and the config's fields (the given config,
     overrides applied) and exit 0.
     """
+    try:
+        argv = flag_values.read_flags_from_files(list(argv), force_gnu=False)  # --flagfile's flags are vetted too
+    except flags.Error as error:
+        fail(error)
     asked = [arg for arg in flag_args(argv) if arg in HELP + HELPFULL]
     argv = [arg for arg in argv if arg not in asked]
     try:

@@ -118,6 +118,17 @@ def test_flag_errors_are_one_line_and_exit_2(args, message, capsys, monkeypatch)
     assert message in err
 
 
+def test_flagfile_overrides_are_checked_too(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    (tmp_path / "good.flags").write_text("--config.learning_rate=0.2\n--config.model_overrides.stage_repeats=1,1,1,1,1,1,1\n")
+    config = parse(f"--flagfile={tmp_path / 'good.flags'}").config
+    assert config.learning_rate == 0.2 and config.model_overrides.stage_repeats == (1,) * 7
+    (tmp_path / "typo.flags").write_text("--config.learning_rat=0.2\n")
+    with pytest.raises(SystemExit):
+        parse(f"--flagfile={tmp_path / 'typo.flags'}")
+    assert "error: --config.learning_rat: no such config field" in capsys.readouterr().err
+
+
 def test_workdir_checks(tmp_path):
     train.check_workdir(str(tmp_path / "new" / "run"))  # created later by the trainer
     train.check_workdir(str(tmp_path))
