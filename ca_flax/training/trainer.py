@@ -37,6 +37,7 @@ from ca_flax.training.metrics import MetricWriter, Throughput, console, format_e
 from ca_flax.training.optim import create_optimizer, learning_rate_schedule
 from ca_flax.training.state import TrainState, create_train_state
 from ca_flax.training.steps import eval_step, train_steps
+from ca_flax.viz.training import TrainingPictures
 
 # float64 is for exactness checks (tests compare device and process counts in it); it
 # needs JAX_ENABLE_X64=1.
@@ -268,6 +269,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         last_eval = dict(meta.get("metrics", {}))
         console(f"Resumed from {checkpoints.directory / str(start_step)} (step {start_step} of {total_steps}).")
     writer = MetricWriter(workdir, resume_step=start_step)
+    pictures = TrainingPictures(config, model, workdir, writer, steps_per_epoch)  # never raises (ca_flax/viz)
 
     per_call = steps_per_call(config, total_steps, start_step)
     stacked_sharding = parallel.stacked_data_sharding(mesh)
@@ -367,6 +369,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                     f"eval at step {step}: top1 {last_eval['eval_top1']:.4f} top5 {last_eval['eval_top5']:.4f} "
                     f"loss {last_eval['eval_loss']:.4f} ({last_eval['eval_examples']} examples)"
                 )
+                pictures.on_evaluation(step, state)
                 evaluated = True
                 throughput.start()  # evaluation time is not training throughput
 
@@ -382,6 +385,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     checkpoints.wait()
     checkpoints.close()
+    pictures.on_end()
     writer.close()
     if step >= total_steps:
         console(f"Done: {total_steps} steps in {time.perf_counter() - run_start:.0f} s; workdir {workdir.absolute()}")
