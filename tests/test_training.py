@@ -272,6 +272,25 @@ def test_run_writes_metrics_checkpoints_and_events(baseline):
     assert json.loads((baseline / "model.json").read_text())["config"]["width_mult"] == 0.25
 
 
+def test_run_draws_curves_and_logs_attention_images(baseline):
+    """ca_flax/viz/training.py: WORKDIR/curves.png at the end, the attention maps of the
+    first evaluation image in TensorBoard at each evaluation (steps 4 and 8)."""
+    import tensorflow as tf
+
+    assert (baseline / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(baseline.glob(".curves.png.tmp-*"))
+    steps = []
+    for path in (baseline / "tensorboard").glob("events.out.tfevents.*"):
+        for record in tf.data.TFRecordDataset(str(path)):
+            event = tf.compat.v1.Event.FromString(record.numpy())
+            for value in event.summary.value:
+                if value.tag == "attention":
+                    steps.append(event.step)
+                    width, height, png = tf.make_ndarray(value.tensor)
+                    assert int(width) > 100 and int(height) > 100 and png[:4] == b"\x89PNG"
+    assert sorted(steps) == [4, 8]
+
+
 def test_several_steps_per_call_train_exactly_as_one_step_per_call(baseline, cache, tmp_path):
     # The baseline ran 2 steps per call (TINY's cadences allow 2 on CPU); 4 per call here.
     workdir = tmp_path / "wd"

@@ -24,7 +24,9 @@ class CBAM(nn.Module):
     ``x * gate``. With reduction 24 MobileNetV2+CBAM has 3,889,808 parameters, the
     paper's 3.89M.
 
-    Submodules: ``mlp_reduce``, ``mlp_expand``, ``spatial`` (``conv`` + ``bn``).
+    Submodules: ``mlp_reduce``, ``mlp_expand``, ``spatial`` (``conv`` + ``bn``). With
+    ``mutable=['intermediates']`` the gates are sown as ``channel_gate`` (N, 1, 1, C) and
+    ``spatial_gate`` (N, H, W, 1).
     """
 
     reduction: int = 24
@@ -54,6 +56,7 @@ class CBAM(nn.Module):
         avg = mean_pool(x, axis=(1, 2), keepdims=True, dtype=dtype)
         mx = jnp.max(x, axis=(1, 2), keepdims=True).astype(dtype)
         channel_gate = jax.nn.sigmoid(mlp(avg) + mlp(mx))
+        self.sow("intermediates", "channel_gate", channel_gate)  # recorded only when mutable (ca_flax.viz)
         with jax.named_scope(GATE_SCOPE):
             x = x * channel_gate
 
@@ -67,5 +70,6 @@ class CBAM(nn.Module):
             bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
             dtype=self.dtype, param_dtype=self.param_dtype, name="spatial",
         )(pooled, train=train)
+        self.sow("intermediates", "spatial_gate", gate)
         with jax.named_scope(GATE_SCOPE):
             return x * gate

@@ -38,7 +38,9 @@ class CoordinateAttention(nn.Module):
         by a layer, so no parameters exist for it).
       dtype, param_dtype: computation and parameter dtypes.
     Submodules: ``reduce`` (shared conv), ``bn``, ``gate_h``, ``gate_w`` (the released
-    MobileNetV2 code's ``conv1``, ``bn1``, ``conv2``, ``conv3``).
+    MobileNetV2 code's ``conv1``, ``bn1``, ``conv2``, ``conv3``; ``gate_h``/``gate_w``
+    output the gates before their sigmoid). With ``mutable=['intermediates']`` the gates
+    themselves are sown as ``a_h`` (N, H, 1, C) and ``a_w`` (N, 1, W, C).
     """
 
     # Takes ``sums=``: pools from row and column sums a fused producer computed.
@@ -93,6 +95,10 @@ class CoordinateAttention(nn.Module):
             a_w = jax.nn.sigmoid(PointwiseConv(channels, use_bias=True, name="gate_w", **conv)(y_w))[:, None, :, :]
         if self.directions in ("both", "h"):
             a_h = jax.nn.sigmoid(PointwiseConv(channels, use_bias=True, name="gate_h", **conv)(y_h))[:, :, None, :]
+        # Recorded only when 'intermediates' is mutable (ca_flax.viz draws them); a no-op otherwise.
+        for name, gate in (("a_h", a_h), ("a_w", a_w)):
+            if gate is not None:
+                self.sow("intermediates", name, gate)
         with jax.named_scope(GATE_SCOPE):
             return _apply_gates(x, a_w, a_h)
 

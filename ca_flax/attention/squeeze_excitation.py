@@ -23,7 +23,8 @@ class SqueezeExcitation(nn.Module):
       min_channels: lower bound of the reduced width.
       activation: between the two convs (``'relu6'`` in the authors' baseline).
       gate: ``'sigmoid'`` (the baseline) or e.g. ``'hard_sigmoid'``.
-    Submodules: ``reduce``, ``expand``.
+    Submodules: ``reduce``, ``expand``. With ``mutable=['intermediates']`` the gate is
+    sown as ``channel_gate`` (N, 1, 1, C).
     """
 
     # Takes ``sums=``: pools from row and column sums a fused producer computed.
@@ -54,5 +55,6 @@ class SqueezeExcitation(nn.Module):
             s = sums.global_mean(self.dtype or x.dtype)
         s = get_activation(self.activation)(PointwiseConv(hidden, name="reduce", **conv)(s))
         s = get_activation(self.gate)(PointwiseConv(channels, name="expand", **conv)(s))
+        self.sow("intermediates", "channel_gate", s)  # recorded only when mutable (ca_flax.viz)
         with jax.named_scope(GATE_SCOPE):
             return x * s

@@ -18,7 +18,7 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class MetricWriter:
-    """Writes one JSON object per line (each with ``step``) and TensorBoard scalars."""
+    """Writes one JSON object per line (each with ``step``), TensorBoard scalars and images."""
 
     def __init__(self, workdir: str | Path, resume_step: int = 0):
         self.is_writer = jax.process_index() == 0
@@ -36,6 +36,10 @@ class MetricWriter:
             with self.path.open("a") as f:
                 f.write(json.dumps({"step": int(step), **{k: _jsonable(v) for k, v in values.items()}}) + "\n")
         self._tensorboard.write_scalars(step, {k: v for k, v in values.items() if isinstance(v, (int, float))})
+
+    def write_images(self, step: int, images: dict[str, Any]) -> None:
+        """TensorBoard images: name -> uint8 ``[N, H, W, 3]`` (only process 0 writes)."""
+        self._tensorboard.write_images(step, images)
 
     def close(self) -> None:
         self._tensorboard.flush()

@@ -47,6 +47,7 @@ from ca_flax.training.metrics import MetricWriter, Throughput, console, format_e
 from ca_flax.training.optim import create_optimizer, learning_rate_schedule
 from ca_flax.training.state import TrainState, create_train_state
 from ca_flax.training.steps import eval_step, train_steps
+from ca_flax.viz.training import TrainingPictures
 
 # float64 is for exactness checks (tests compare device and process counts in it); it
 # needs JAX_ENABLE_X64=1.
@@ -396,6 +397,7 @@ def _train_in_held_workdir(config: ml_collections.ConfigDict, workdir: Path, inf
         variables = initial_variables(model, config, rng_init)
         state = jax.device_put(create_train_state(model, variables, tx, rng_train), replicated)
     writer = MetricWriter(workdir, resume_step=start_step)
+    pictures = TrainingPictures(config, model, workdir, writer, steps_per_epoch)  # never raises (ca_flax/viz)
 
     per_call = steps_per_call(config, total_steps, start_step)
     stacked_sharding = parallel.stacked_data_sharding(mesh)
@@ -496,6 +498,7 @@ def _train_in_held_workdir(config: ml_collections.ConfigDict, workdir: Path, inf
                     f"eval at step {step}: top1 {last_eval['eval_top1']:.4f} top5 {last_eval['eval_top5']:.4f} "
                     f"loss {last_eval['eval_loss']:.4f} ({last_eval['eval_examples']} examples)"
                 )
+                pictures.on_evaluation(step, state)
                 evaluated = True
                 throughput.start()  # evaluation time is not training throughput
 
@@ -511,6 +514,7 @@ def _train_in_held_workdir(config: ml_collections.ConfigDict, workdir: Path, inf
         checkpoints.wait()  # still under the handlers: a Ctrl-C now does not cut the last save short
 
     checkpoints.close()
+    pictures.on_end()
     writer.close()
     if step >= total_steps:
         console(f"Done: {total_steps} steps in {time.perf_counter() - run_start:.0f} s; workdir {workdir.absolute()}")
