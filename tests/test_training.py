@@ -475,8 +475,8 @@ def test_two_processes_match_one_process(baseline, cache, tmp_path):
     assert "in 2 process(es)" in outputs[0]
     assert_same_run(baseline, workdir)
     # Process 0 alone writes the workdir's files; process 1 only its share of each checkpoint.
-    assert sorted(p.name for p in workdir.iterdir()) == [".lock", "checkpoints", "metrics.jsonl", "model.json",
-                                                         "tensorboard"]
+    assert sorted(p.name for p in workdir.iterdir()) == [".lock", "checkpoints", "curves.png", "metrics.jsonl",
+                                                         "model.json", "tensorboard"]
     assert len(list((workdir / "tensorboard").iterdir())) == 1
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == len(set(lines)) == len(read_metrics(baseline))
