@@ -31,7 +31,7 @@ from ca_flax.export.api import checkpoint_files, reference_function  # noqa: E40
 from ca_flax.export.dataset import heldout_batches  # noqa: E402
 from ca_flax.export.litert import tflite_ops, tflite_runner  # noqa: E402
 from ca_flax.export.onnx_file import onnx_ops, onnx_runner  # noqa: E402
-from ca_flax.models import create_model, plain_modules  # noqa: E402
+from ca_flax.models import create_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = dict(num_classes=10, width_mult=0.35, stage_repeats=(1,) * 7)
@@ -239,14 +239,6 @@ def test_exported_graph_has_no_custom_call():
 
         lowered = jax.jit(lambda x: model.apply(variables, x)).lower(np.zeros((1, 32, 32, 3), np.float32))
         assert any("ca_flax" in call for call in custom_calls(lowered.as_text()))
-
-
-def test_plain_modules_switches_every_fast_path_off_inside_the_block():
-    model = create_model("mobilenetv2_ca", **TINY)
-    with plain_modules(model) as plain:
-        assert (plain.depthwise_impl, plain.eval_micro_batch) == ("xla", None) and not native.enabled()
-        assert plain.num_classes == model.num_classes and plain.width_mult == model.width_mult
-    assert native.enabled() == (os.environ.get(native.DISABLE_ENV, "1") not in ("0", "false", "no", "off"))
 
 
 def test_batch_norm_folds_into_the_convolutions_without_changing_the_model():

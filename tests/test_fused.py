@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from ca_flax import native
 from ca_flax.layers import fused
@@ -220,12 +221,71 @@ def test_native_off_runs_the_modules(monkeypatch):
     assert not any(target in text for target in TARGETS)
 
 
-def test_sums_of_the_wrong_shape_are_a_named_error():
-    from ca_flax.attention import CoordinateAttention
-    from ca_flax.layers.pooling import DirectionalSums
+def test_remembered_sums_of_the_wrong_shape_are_a_named_error():
+    from ca_flax.layers.pooling import DirectionalSums, remember_sums
 
-    block = CoordinateAttention()
     x = jnp.ones((1, 4, 6, 8))
-    variables = block.init(jax.random.PRNGKey(0), x)
     with pytest.raises(ValueError, match="row sums"):
-        block.apply(variables, x, sums=DirectionalSums(jnp.ones((1, 6, 8)), jnp.ones((1, 4, 8))))
+        remember_sums(x, DirectionalSums(jnp.ones((1, 6, 8)), jnp.ones((1, 4, 8))))
+
+
+def test_pools_use_remembered_sums_only_for_that_very_map():
+    from ca_flax.layers.pooling import DirectionalSums, known_sums, pool_cols, pool_global, pool_rows, remember_sums
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 6, 3))
+    # Deliberately not x's sums, to see which path each pool took.
+    fake = DirectionalSums(jnp.full((2, 4, 3), 6.0), jnp.full((2, 6, 3), 4.0))
+    remember_sums(x, fake)
+    assert known_sums(x) is fake
+    np.testing.assert_array_equal(pool_rows(x), 1.0)
+    np.testing.assert_array_equal(pool_cols(x), 1.0)
+    np.testing.assert_array_equal(pool_global(x), 1.0)
+    other = x + 0  # equal values, another array: pooled from its values
+    assert known_sums(other) is None
+    np.testing.assert_allclose(pool_rows(other), jnp.mean(x, axis=2), rtol=1e-6)
+    del x
+    import gc
+
+    gc.collect()
+    assert known_sums(other) is None
+
+
+def test_a_producer_must_be_pointwise_and_feed_a_depthwise_unit():
+    from ca_flax.layers import ConvBNAct
+
+    unit = ConvBNAct(8, kind="full")
+    producer = ConvBNAct(8, kernel_size=1, kind="pointwise")
+    x = jnp.ones((1, 4, 4, 8))
+
+    class Pair(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return ConvBNAct(8, kind="full")(x, producer=ConvBNAct(8, kernel_size=1, kind="pointwise"))
+
+    with pytest.raises(ValueError, match="producer is taken by a depthwise unit"):
+        Pair().init(jax.random.PRNGKey(0), x)
+    del unit, producer
+
+
+def test_block_with_a_producer_equals_the_units_one_after_the_other():
+    from ca_flax.layers import ConvBNAct
+
+    class Chained(nn.Module):
+        fused: bool
+
+        @nn.compact
+        def __call__(self, x, train=False):
+            expand = ConvBNAct(16, kernel_size=1, kind="pointwise", name="expand")
+            depthwise = ConvBNAct(16, kernel_size=3, kind="depthwise", name="depthwise")
+            return depthwise(x, train, producer=expand) if self.fused else depthwise(expand(x, train), train)
+
+    x = jax.random.normal(jax.random.PRNGKey(3), (2, 12, 12, 8))
+    variables = Chained(True).init(jax.random.PRNGKey(0), x)
+    same = jax.tree_util.tree_map(np.array_equal, variables, Chained(False).init(jax.random.PRNGKey(0), x))
+    assert all(jax.tree_util.tree_leaves(same))  # same parameter paths, same initial values
+    for train in (False, True):
+        kwargs = dict(mutable=["batch_stats"]) if train else {}
+        ours = Chained(True).apply(variables, x, train, **kwargs)
+        plain = Chained(False).apply(variables, x, train, **kwargs)
+        np.testing.assert_allclose(np.asarray(jax.tree_util.tree_leaves(ours)[0]),
+                                   np.asarray(jax.tree_util.tree_leaves(plain)[0]), rtol=1e-5, atol=1e-5)

@@ -15,7 +15,8 @@ import pytest
 
 from ca_flax.layers import BatchNorm, DepthwiseConv, PointwiseConv
 from ca_flax.layers.activations import hard_swish, relu6
-from ca_flax.layers.conv import Conv, ConvBNAct, conv2d, extract_patches, pointwise_matmul, resolve_full_conv_impl
+from ca_flax.layers import ConvBNAct
+from ca_flax.layers.conv import Conv, conv2d, extract_patches, pointwise_matmul, resolve_full_conv_impl
 from ca_flax.layers.norm import batch_moments, batch_norm_train
 
 

@@ -8,10 +8,12 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from ca_flax.attention.common import GATE_SCOPE, check_feature_map, check_reduction
+from ca_flax.attention.common import check_feature_map, check_reduction
 from ca_flax.layers.activations import ActivationLike, get_activation
-from ca_flax.layers.conv import ConvBNAct, PointwiseConv, conv_kernel_init
-from ca_flax.layers.pooling import mean_pool
+from ca_flax.layers.conv import PointwiseConv, conv_kernel_init
+from ca_flax.layers.gating import apply_gates
+from ca_flax.layers.pooling import mean_pool, pool_global
+from ca_flax.layers.units import ConvBNAct
 
 
 class CBAM(nn.Module):
@@ -53,12 +55,11 @@ class CBAM(nn.Module):
         def mlp(v: jax.Array) -> jax.Array:
             return expand(act(reduce(v)))
 
-        avg = mean_pool(x, axis=(1, 2), keepdims=True, dtype=dtype)
+        avg = pool_global(x, dtype)
         mx = jnp.max(x, axis=(1, 2), keepdims=True).astype(dtype)
         channel_gate = jax.nn.sigmoid(mlp(avg) + mlp(mx))
-        self.sow("intermediates", "channel_gate", channel_gate)  # recorded only when mutable (ca_flax.viz)
-        with jax.named_scope(GATE_SCOPE):
-            x = x * channel_gate
+        self.sow("intermediates", "channel_gate", channel_gate)  # kept only when 'intermediates' is mutable
+        x = apply_gates(x, channel_gate)
 
         pooled = jnp.concatenate(
             [jnp.max(x, axis=-1, keepdims=True).astype(dtype),
@@ -71,5 +72,4 @@ class CBAM(nn.Module):
             dtype=self.dtype, param_dtype=self.param_dtype, name="spatial",
         )(pooled, train=train)
         self.sow("intermediates", "spatial_gate", gate)
-        with jax.named_scope(GATE_SCOPE):
-            return x * gate
+        return apply_gates(x, gate)

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from ca_flax.attention.common import GATE_SCOPE, check_feature_map, check_reduction, check_sums
+from ca_flax.attention.common import check_feature_map, check_reduction
 from ca_flax.layers.activations import ActivationLike, get_activation
 from ca_flax.layers.conv import PointwiseConv, conv_kernel_init
+from ca_flax.layers.gating import apply_gates
 from ca_flax.layers.norm import BatchNorm
-from ca_flax.layers.pooling import DirectionalSums, mean_pool
-from ca_flax.layers.recompute import recompute_in_backward
+from ca_flax.layers.pooling import pool_cols, pool_rows
 
 Directions = Literal["both", "h", "w"]
 
@@ -38,13 +38,9 @@ class CoordinateAttention(nn.Module):
         by a layer, so no parameters exist for it).
       dtype, param_dtype: computation and parameter dtypes.
     Submodules: ``reduce`` (shared conv), ``bn``, ``gate_h``, ``gate_w`` (the released
-    MobileNetV2 code's ``conv1``, ``bn1``, ``conv2``, ``conv3``; ``gate_h``/``gate_w``
-    output the gates before their sigmoid). With ``mutable=['intermediates']`` the gates
-    themselves are sown as ``a_h`` (N, H, 1, C) and ``a_w`` (N, 1, W, C).
+    MobileNetV2 code's ``conv1``, ``bn1``, ``conv2``, ``conv3``). With
+    ``mutable=['intermediates']`` the gates are sown as ``a_h`` and ``a_w``.
     """
-
-    # Takes ``sums=``: pools from row and column sums a fused producer computed.
-    uses_sums: ClassVar[bool] = True
 
     reduction: int = 32
     min_channels: int = 8
@@ -56,64 +52,38 @@ class CoordinateAttention(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False, sums: DirectionalSums | None = None) -> jax.Array:
-        """Gates ``x``. ``sums``: ``x``'s row and column sums where the layer before
-        computed them (``layers/fused.py``); the pools are then taken from them."""
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         check_feature_map(x, "CoordinateAttention")
-        check_sums(x, sums, "CoordinateAttention")
         check_reduction(self.reduction, self.min_channels, "CoordinateAttention")
         if self.directions not in ("both", "h", "w"):
             raise ValueError(f"CoordinateAttention: directions must be 'both', 'h' or 'w', got {self.directions!r}.")
-        _, height, width, channels = x.shape
+        _, height, _, channels = x.shape
         mip = max(self.min_channels, channels // self.reduction)
         dtype = self.dtype or x.dtype
-        conv = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=conv_kernel_init)
+        conv = dict(use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=conv_kernel_init)
+        use_h, use_w = self.directions in ("both", "h"), self.directions in ("both", "w")
 
-        # Directional average pools: (N, H, C) and (N, W, C).
-        strips = []
-        if self.directions in ("both", "h"):
-            strips.append(mean_pool(x, axis=2, dtype=dtype) if sums is None else sums.row_means(dtype))
-        if self.directions in ("both", "w"):
-            strips.append(mean_pool(x, axis=1, dtype=dtype) if sums is None else sums.col_means(dtype))
-        y = jnp.concatenate(strips, axis=1) if len(strips) > 1 else strips[0]
+        # Directional average pools, (N, H, C) and (N, W, C), one strip of H + W.
+        strips = ([pool_rows(x, dtype)] if use_h else []) + ([pool_cols(x, dtype)] if use_w else [])
+        y = jnp.concatenate(strips, axis=1)
 
-        y = PointwiseConv(mip, use_bias=True, name="reduce", **conv)(y)
-        # Statistics over N and all H + W positions jointly, as BatchNorm2d on the
-        # concatenated (N, mip, H + W, 1) tensor of the released code; the activation
-        # runs inside it (same values, one op less to store and to trace).
+        # Shared 1x1 conv; BatchNorm over N and all H + W positions jointly, as
+        # BatchNorm2d on the released code's concatenated (N, mip, H + W, 1) tensor.
+        y = PointwiseConv(mip, name="reduce", **conv)(y)
         y = BatchNorm(
-            momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype,
-            param_dtype=self.param_dtype, activation=get_activation(self.activation), name="bn",
+            momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
+            activation=get_activation(self.activation), name="bn",
         )(y, use_running_average=not train)
 
-        if self.directions == "both":
-            y_h, y_w = y[:, :height], y[:, height:]
-        else:
-            y_h = y_w = y
-        a_w = a_h = None
-        if self.directions in ("both", "w"):
-            a_w = jax.nn.sigmoid(PointwiseConv(channels, use_bias=True, name="gate_w", **conv)(y_w))[:, None, :, :]
-        if self.directions in ("both", "h"):
-            a_h = jax.nn.sigmoid(PointwiseConv(channels, use_bias=True, name="gate_h", **conv)(y_h))[:, :, None, :]
-        # Recorded only when 'intermediates' is mutable (ca_flax.viz draws them); a no-op otherwise.
-        for name, gate in (("a_h", a_h), ("a_w", a_w)):
-            if gate is not None:
-                self.sow("intermediates", name, gate)
-        with jax.named_scope(GATE_SCOPE):
-            return _apply_gates(x, a_w, a_h)
-
-
-def _gates_math(x: jax.Array, a_w: jax.Array | None, a_h: jax.Array | None) -> jax.Array:
-    """``x * a_w * a_h``, in the released code's order (so rounding matches it)."""
-    out = x
-    if a_w is not None:
-        out = out * a_w
-    if a_h is not None:
-        out = out * a_h
-    return out
-
-
-# Recomputed in the backward pass from its inputs: stored, ``x * a_w`` would be one more
-# feature map per block, and computing the product in one pass is faster than writing
-# and re-reading it.
-_apply_gates = recompute_in_backward(_gates_math)
+        # One gate per direction.
+        y_h, y_w = (y[:, :height], y[:, height:]) if use_h and use_w else (y, y)
+        gates = []
+        if use_w:
+            a_w = jax.nn.sigmoid(PointwiseConv(channels, name="gate_w", **conv)(y_w))[:, None, :, :]
+            self.sow("intermediates", "a_w", a_w)  # kept only when 'intermediates' is mutable
+            gates.append(a_w)
+        if use_h:
+            a_h = jax.nn.sigmoid(PointwiseConv(channels, name="gate_h", **conv)(y_h))[:, :, None, :]
+            self.sow("intermediates", "a_h", a_h)
+            gates.append(a_h)
+        return apply_gates(x, *gates)  # x * a_w * a_h

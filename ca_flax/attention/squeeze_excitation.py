@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from ca_flax.attention.common import GATE_SCOPE, check_feature_map, check_reduction, check_sums
+from ca_flax.attention.common import check_feature_map, check_reduction
 from ca_flax.layers.activations import ActivationLike, get_activation
 from ca_flax.layers.conv import PointwiseConv, conv_kernel_init
-from ca_flax.layers.pooling import DirectionalSums, mean_pool
+from ca_flax.layers.gating import apply_gates
+from ca_flax.layers.pooling import pool_global
 
 
 class SqueezeExcitation(nn.Module):
@@ -27,9 +28,6 @@ class SqueezeExcitation(nn.Module):
     sown as ``channel_gate`` (N, 1, 1, C).
     """
 
-    # Takes ``sums=``: pools from row and column sums a fused producer computed.
-    uses_sums: ClassVar[bool] = True
-
     reduction: int = 24
     min_channels: int = 1
     activation: ActivationLike = "relu6"
@@ -38,23 +36,17 @@ class SqueezeExcitation(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False, sums: DirectionalSums | None = None) -> jax.Array:
-        """Gates ``x``. ``train`` is accepted for a uniform attention interface (SE has no
-        BatchNorm); ``sums``: ``x``'s row and column sums where the layer before computed
-        them (``layers/fused.py``), the global pool is then taken from them."""
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """Gates ``x``; ``train`` is taken for a uniform attention interface (SE has no
+        BatchNorm)."""
         del train
         check_feature_map(x, "SqueezeExcitation")
-        check_sums(x, sums, "SqueezeExcitation")
         check_reduction(self.reduction, self.min_channels, "SqueezeExcitation")
         channels = x.shape[-1]
         hidden = max(self.min_channels, channels // self.reduction)
         conv = dict(use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=conv_kernel_init)
-        if sums is None:
-            s = mean_pool(x, axis=(1, 2), keepdims=True, dtype=self.dtype)
-        else:
-            s = sums.global_mean(self.dtype or x.dtype)
+        s = pool_global(x, self.dtype)
         s = get_activation(self.activation)(PointwiseConv(hidden, name="reduce", **conv)(s))
         s = get_activation(self.gate)(PointwiseConv(channels, name="expand", **conv)(s))
-        self.sow("intermediates", "channel_gate", s)  # recorded only when mutable (ca_flax.viz)
-        with jax.named_scope(GATE_SCOPE):
-            return x * s
+        self.sow("intermediates", "channel_gate", s)  # kept only when 'intermediates' is mutable
+        return apply_gates(x, s)

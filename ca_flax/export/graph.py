@@ -1,7 +1,7 @@
 """The function an exporter traces: eval mode, plain modules, BatchNorm folded.
 
 Every exporter starts from :func:`serving_function`: ``images -> logits`` for NHWC float32
-images, in eval mode, with the model's CPU fast paths off (:func:`ca_flax.models.plain_modules`:
+images, in eval mode, with the model's CPU fast paths off (:func:`ca_flax.fast_paths.disabled`:
 no native kernels, which are FFI custom calls no converter can translate) and every
 BatchNorm that directly follows a convolution folded into it (:func:`fold_batch_norm`),
 so a converter sees ``conv -> bias add`` as mobile runtimes fuse it, with one rounding
@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from ca_flax import fast_paths
 from ca_flax.layers.conv import PointwiseConv
 from ca_flax.layers.norm import BatchNorm
-from ca_flax.models.plain import plain_modules
 
 # Below the network's total stride (32) the last stride-2 stages run on 1x1 maps made
 # mostly of padding; such a model is not one anybody trained, so it is refused.
@@ -115,8 +115,8 @@ def fold_batch_norm(model: nn.Module, variables: Mapping[str, Any], input_shape:
     tree = jax.tree_util.tree_map(lambda a: np.array(a, copy=True), {k: dict(v) for k, v in variables.items()})
     if "batch_stats" not in tree:
         return tree
-    with plain_modules(model) as plain:
-        producers = _bn_producers(plain, variables, input_shape)
+    with fast_paths.disabled():
+        producers = _bn_producers(model, variables, input_shape)
     for bn_path, (producer_path, epsilon) in producers.items():
         bn, stats = _subtree(tree["params"], bn_path), _subtree(tree["batch_stats"], bn_path)
         conv = _subtree(tree["params"], producer_path)
@@ -142,11 +142,11 @@ def serving_function(
 ) -> Iterator[Callable[[jax.Array], jax.Array]]:
     """Yields ``images -> logits`` over the plain modules (eval mode, BatchNorm folded
     unless ``fold=False``, the variables closed over as constants); trace it inside the
-    block (see :func:`ca_flax.models.plain_modules`)."""
+    block (see :func:`ca_flax.fast_paths.disabled`)."""
     if fold:
         variables = fold_batch_norm(model, variables, input_shape)
-    with plain_modules(model) as plain:
-        yield functools.partial(_apply, plain, variables)
+    with fast_paths.disabled():
+        yield functools.partial(_apply, model, variables)
 
 
 def _apply(model: nn.Module, variables: Mapping[str, Any], images: jax.Array) -> jax.Array:

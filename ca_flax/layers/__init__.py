@@ -3,7 +3,6 @@
 from ca_flax.layers.activations import get_activation, hard_sigmoid, hard_swish, list_activations, relu6
 from ca_flax.layers.conv import (
     Conv,
-    ConvBNAct,
     PointwiseConv,
     conv2d,
     conv_kernel_init,
@@ -13,7 +12,9 @@ from ca_flax.layers.conv import (
 from ca_flax.layers.depthwise import IMPLEMENTATIONS as DEPTHWISE_IMPLEMENTATIONS
 from ca_flax.layers.depthwise import DepthwiseConv, depthwise_conv, resolve_impl
 from ca_flax.layers.norm import BatchNorm
-from ca_flax.layers.pooling import mean_pool
+from ca_flax.layers.gating import apply_gates
+from ca_flax.layers.pooling import mean_pool, pool_cols, pool_global, pool_rows
+from ca_flax.layers.units import ConvBNAct
 
 __all__ = [
     "BatchNorm",
@@ -22,6 +23,7 @@ __all__ = [
     "DEPTHWISE_IMPLEMENTATIONS",
     "DepthwiseConv",
     "PointwiseConv",
+    "apply_gates",
     "conv2d",
     "conv_kernel_init",
     "dense_kernel_init",
@@ -31,6 +33,9 @@ __all__ = [
     "hard_swish",
     "list_activations",
     "mean_pool",
+    "pool_cols",
+    "pool_global",
+    "pool_rows",
     "relu6",
     "resolve_impl",
     "symmetric_padding",

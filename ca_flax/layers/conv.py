@@ -1,6 +1,5 @@
-"""Convolutions with PyTorch-style padding, 1x1 convolutions as matmuls, dense k x k
-convolutions as one matmul over patches, and the conv -> BatchNorm -> activation unit
-MobileNets are built from."""
+"""Convolutions with PyTorch-style padding: 1x1 convolutions as matmuls, dense k x k
+convolutions as one matmul over patches where that is faster."""
 
 from __future__ import annotations
 
@@ -10,9 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from ca_flax.layers.activations import ActivationLike, get_activation
-from ca_flax.layers.depthwise import DepthwiseConv, DepthwiseImpl, pad_spatial
-from ca_flax.layers.norm import BatchNorm
+from ca_flax import fast_paths
+from ca_flax.layers.depthwise import pad_spatial
 from ca_flax.layers.params import shaped_param
 
 # The released code's init: N(0, sqrt(2 / (k * k * out_channels))), i.e. He-normal over
@@ -67,7 +65,7 @@ class PointwiseConv(nn.Module):
 
     Accepts any rank (NHWC maps, or N x L x C sequences such as the CA block's pooled
     strips). The kernel keeps ``nn.Conv``'s ``(1, 1, in, out)`` layout so checkpoints match
-    a 1x1 ``nn.Conv``; XLA's CPU convolution is 2 to 4x slower than the dot for 1x1.
+    a 1x1 ``nn.Conv``; XLA's CPU convolution is several times slower than the dot for 1x1.
     """
 
     features: int
@@ -94,21 +92,22 @@ def resolve_full_conv_impl(impl: str, kernel_shape: tuple[int, ...], backend: st
     """Concrete implementation of a dense convolution with an HWIO ``kernel_shape``.
 
     ``'auto'`` picks ``'patches'`` on CPU when a patch row (``k * k * in``) is at most
-    twice as wide as the output (``out``), ``'xla'`` otherwise and on accelerators,
-    which keep their convolution units. Measured on the project's CPU at batch 32: the
-    MobileNetV2 stem (27-wide patches, 32 outputs, stride 2, 224x224) took 41 ms
-    forward and 86 ms for the kernel gradient with XLA's convolution and about 10 and
-    34 ms as a patch matmul; CBAM's 7x7 spatial convolution (98-wide patches, one
-    output) was 2 to 3x slower as patches than with XLA's convolution.
+    twice as wide as the output (``out``), ``'xla'`` otherwise and on accelerators, which
+    keep their convolution units: XLA:CPU convolves a narrow stem several times slower
+    than the patch matmul, and a wide window with one output (CBAM's spatial gate)
+    faster (docs/performance.md). Inside ``ca_flax.fast_paths.disabled()`` every name
+    maps to ``'xla'``.
     """
+    if impl != "auto" and impl not in FULL_CONV_IMPLEMENTATIONS:
+        raise ValueError(
+            f"Unknown convolution implementation {impl!r}; choose one of {('auto',) + FULL_CONV_IMPLEMENTATIONS}."
+        )
+    if not fast_paths.enabled():
+        return "xla"
     if impl == "auto":
         kh, kw, in_channels, out_channels = kernel_shape
         narrow = kh * kw * in_channels <= 2 * out_channels
         return "patches" if (backend or jax.default_backend()) == "cpu" and narrow else "xla"
-    if impl not in FULL_CONV_IMPLEMENTATIONS:
-        raise ValueError(
-            f"Unknown convolution implementation {impl!r}; choose one of {('auto',) + FULL_CONV_IMPLEMENTATIONS}."
-        )
     return impl
 
 
@@ -177,60 +176,3 @@ class Conv(nn.Module):
         )
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
         return conv2d(x, kernel, self.stride, self.impl)
-
-
-ConvKind = Literal["full", "depthwise", "pointwise"]
-
-
-class ConvBNAct(nn.Module):
-    """Convolution (no bias) -> BatchNorm -> activation, the MobileNet building unit.
-
-    Attributes:
-      features: output channels (ignored for ``kind='depthwise'``: same as input).
-      kernel_size: spatial size; padding is ``kernel_size // 2`` on every side.
-      stride: spatial stride.
-      kind: ``'full'`` (dense k x k conv), ``'depthwise'`` or ``'pointwise'`` (1x1).
-      activation: name or callable, ``None`` for a linear unit.
-      depthwise_impl: implementation of depthwise convolutions (see ``DepthwiseConv``).
-      bn_momentum, bn_epsilon: BatchNorm settings (PyTorch defaults).
-    Submodules are named ``conv`` and ``bn``; the inference fusions of ``layers/fused.py``
-    call :meth:`convolve` and read ``unit.bn``'s and ``unit.conv``'s variables.
-    """
-
-    features: int
-    kernel_size: int = 3
-    stride: int = 1
-    kind: ConvKind = "full"
-    activation: ActivationLike = "relu6"
-    depthwise_impl: DepthwiseImpl = "auto"
-    bn_momentum: float = 0.9
-    bn_epsilon: float = 1e-5
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-
-    def setup(self) -> None:
-        common = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=conv_kernel_init)
-        if self.kind == "depthwise":
-            self.conv = DepthwiseConv(kernel_size=self.kernel_size, stride=self.stride, impl=self.depthwise_impl, **common)
-        elif self.kind == "pointwise":
-            if self.kernel_size != 1 or self.stride != 1:
-                raise ValueError("A pointwise convolution has kernel_size 1 and stride 1.")
-            self.conv = PointwiseConv(self.features, **common)
-        elif self.kind == "full":
-            self.conv = Conv(self.features, self.kernel_size, self.stride, **common)
-        else:
-            raise ValueError(f"Unknown convolution kind {self.kind!r}; use 'full', 'depthwise' or 'pointwise'.")
-        # The activation runs inside BatchNorm, where the backward pass recomputes it.
-        activation = get_activation(self.activation) if self.activation is not None else None
-        self.bn = BatchNorm(
-            momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype,
-            param_dtype=self.param_dtype, activation=activation,
-        )
-
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        """Convolution, then BatchNorm (batch statistics when ``train``) and activation."""
-        return self.bn(self.conv(x), use_running_average=not train)
-
-    def convolve(self, x: jax.Array) -> jax.Array:
-        """The convolution alone, before BatchNorm (for the fusions of ``layers/fused.py``)."""
-        return self.conv(x)

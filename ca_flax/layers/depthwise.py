@@ -1,8 +1,8 @@
 """Depthwise convolution with selectable implementations.
 
 XLA lowers a grouped convolution with ``feature_group_count == channels`` to a slow
-generic kernel on CPU (5 to 16x slower than the same arithmetic written as shifted
-multiply-adds) and its backward pass is slow on GPU too (jax issue 13800). This module
+generic kernel on CPU (several times slower than the same arithmetic written as
+shifted multiply-adds; docs/performance.md) and its backward pass is slow on GPU too (jax issue 13800). This module
 keeps one parameter layout, ``(kH, kW, 1, C)`` exactly as ``flax.linen.Conv`` with
 ``feature_group_count=C`` stores it, and lets the caller choose how it is computed:
 
@@ -30,16 +30,16 @@ import numpy as np
 from flax import linen as nn
 from jax import lax
 
-from ca_flax import native
+from ca_flax import fast_paths, native
 from ca_flax.layers.params import shaped_param
 from ca_flax.layers.recompute import after
 
 DepthwiseImpl = Literal["auto", "xla", "shift", "shift_vjp"]
 IMPLEMENTATIONS: tuple[str, ...] = ("xla", "shift", "shift_vjp")
 
-# Fastest implementation per backend, measured in the whole model (README, "Performance").
-# CPU: shifted taps. GPU: XLA's grouped convolution (cuDNN), 1.15x inference and 1.42x
-# training over shift_vjp on an H200 in bfloat16. TPUs have a native depthwise unit.
+# Fastest implementation per backend, measured in the whole model (docs/performance.md).
+# CPU: shifted taps. GPU: XLA's grouped convolution (cuDNN). TPUs have a native
+# depthwise unit.
 _AUTO_BY_BACKEND = {"cpu": "shift_vjp", "gpu": "xla", "cuda": "xla", "rocm": "xla", "tpu": "xla"}
 
 
@@ -47,15 +47,18 @@ def resolve_impl(impl: str, backend: str | None = None) -> str:
     """Returns the concrete implementation name for ``impl`` on ``backend``.
 
     ``'auto'`` maps to the fastest implementation measured for the backend (default:
-    ``jax.default_backend()``); other names are validated and returned unchanged.
+    ``jax.default_backend()``); other names are validated and returned unchanged. Inside
+    ``ca_flax.fast_paths.disabled()`` every name maps to ``'xla'``, one convolution.
     """
-    if impl == "auto":
-        return _AUTO_BY_BACKEND.get(backend or jax.default_backend(), "xla")
-    if impl not in IMPLEMENTATIONS:
+    if impl != "auto" and impl not in IMPLEMENTATIONS:
         raise ValueError(
             f"Unknown depthwise implementation {impl!r}; choose one of "
             f"{('auto',) + IMPLEMENTATIONS}."
         )
+    if not fast_paths.enabled():
+        return "xla"
+    if impl == "auto":
+        return _AUTO_BY_BACKEND.get(backend or jax.default_backend(), "xla")
     return impl
 
 
@@ -186,8 +189,8 @@ def _input_grad(dy: jax.Array, kernel: jax.Array, stride: int, in_h: int, in_w: 
 
 
 def _use_native_kernel_grad(x: jax.Array, dy: jax.Array) -> bool:
-    """The C++ kernel (``ca_flax.native``) on CPU in float32, where it builds: 3.6 to 4.5x
-    faster per MobileNetV2 layer than the loop below, same float32 error."""
+    """The C++ kernel (``ca_flax.native``) on CPU in float32, where it builds: one sweep
+    instead of the loop below, several times faster, same float32 error."""
     return (x.dtype == jnp.float32 and dy.dtype == jnp.float32 and jax.default_backend() == "cpu"
             and native.depthwise_kernel_grad_target() is not None)
 
@@ -197,15 +200,15 @@ def _kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape: tuple[int, ...], str
 
     On CPU in float32 one sweep of the native kernel. Otherwise one tap per iteration
     of a loop: each tap's product is a full feature map that XLA:CPU hands to a library
-    reduction, and unrolled it would schedule all nine products at once (2 GB more peak
-    memory for MobileNetV2 at batch 32, 224x224).
+    reduction, and unrolled it would schedule all nine products at once (gigabytes more
+    peak memory for a full-size network; docs/performance.md).
     """
     kh, kw = kernel_shape[:2]
     # Tied to dy, so x is (re)computed when the backward pass reaches this layer: the
     # loop's padded copy and phase planes are not hoisted into the forward pass, and the
     # native kernel's operand is rebuilt from what the previous layer stores (x is
-    # usually a BatchNorm + ReLU6 output) instead of kept from the forward pass (470 MB
-    # more temporary memory for MobileNetV2 at batch 32 when it was).
+    # usually a BatchNorm + ReLU6 output) instead of kept from the forward pass, which
+    # held one more feature map per layer.
     x = after(x, dy)
     if _use_native_kernel_grad(x, dy):
         return _native_kernel_grad(x, dy, (kh, kw), stride)

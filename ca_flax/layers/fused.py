@@ -1,47 +1,49 @@
-"""Inference fusions of MobileNet units, on CPU: the block's depthwise unit and the stem.
+"""Inference fusions of MobileNet units on CPU: a depthwise unit with its producer, and
+a stem.
 
 In eval mode an inverted residual computes, after its expand matmul,
 
     BatchNorm -> ReLU6 -> depthwise conv -> BatchNorm -> ReLU6 -> the attention's pools
 
 and all of it is local: each output pixel needs a 3x3 window of the expand output and
-two per-channel affine maps from the running statistics. XLA:CPU runs it as five passes
-over the block's widest map (measured per layer in README, Performance);
-:func:`depthwise_unit_inference` runs it as one native kernel
-(:func:`ca_flax.native.depthwise_inference`) that reads the expand output once and
-writes the unit's output and its row and column sums, which CA and SE pool from.
-
-The fused path is taken only where it computes what the modules would (same parameters
-and operations; float rounding differs in summation order, and BatchNorm is one
-multiply-add, ``x * mul + (bias - mean * mul)``, as PyTorch's CPU inference computes
-it), and where the kernel exists: see :func:`fuses_depthwise_unit`. Everywhere else, and with
-``CA_FLAX_NATIVE=0``, the modules run as written. The fused units stay differentiable
-(an eval-mode loss, as in fine-tuning with frozen BatchNorm, or an input gradient): the
-backward pass is that of the same math written in XLA (:func:`depthwise_unit_math`,
-:func:`dense_unit_math`), recomputed from the unit's inputs
-(``layers/recompute.recompute_in_backward`` with the kernel as its forward pass).
+two per-channel affine maps from the running statistics. XLA:CPU runs it as several
+passes over the block's widest map; :func:`depthwise_unit_inference` runs it as one
+native kernel (:func:`ca_flax.native.depthwise_inference`) that reads the expand output
+once and writes the unit's output and its row and column sums, which CA and SE pool.
 
 The stem (a 3x3 convolution of the 3-channel image, BatchNorm, ReLU6) is the other
-unit XLA:CPU runs poorly at inference: it copies the 27 values of every window out for
-a matmul, then normalizes in another pass. :func:`dense_unit_inference` computes it in
-one native kernel that keeps each pixel's outputs in registers
-(:func:`ca_flax.native.dense_conv_inference`); :func:`fuses_dense_unit` says where.
+unit XLA:CPU runs poorly at inference: it copies every window out for a matmul, then
+normalizes in another pass. :func:`dense_unit_inference` computes it in one native
+kernel that keeps each pixel's outputs in registers
+(:func:`ca_flax.native.dense_conv_inference`).
+
+``layers/units.ConvBNAct`` asks :func:`fuses_depthwise_unit` and :func:`fuses_dense_unit`
+whether it may take these paths: only where they compute what the modules would (same
+parameters and operations; float rounding differs in summation order, and BatchNorm is
+one multiply-add, as PyTorch's CPU inference computes it), and where the kernel exists.
+Everywhere else, with ``CA_FLAX_NATIVE=0`` and inside ``ca_flax.fast_paths.disabled()``,
+the modules run as written. The fused units stay differentiable (an eval-mode loss, as
+in fine-tuning with frozen BatchNorm, or an input gradient): the backward pass is that
+of the same math in XLA (:func:`depthwise_unit_math`, :func:`dense_unit_math`),
+recomputed from the unit's inputs. docs/performance.md has the measurements.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
-from flax import linen as nn
 
 from ca_flax import native
 from ca_flax.layers.activations import get_activation, relu6
-from ca_flax.layers.conv import ConvBNAct, conv2d
+from ca_flax.layers.conv import conv2d
 from ca_flax.layers.depthwise import depthwise_conv
 from ca_flax.layers.pooling import DirectionalSums
 from ca_flax.layers.recompute import recompute_in_backward
+
+if TYPE_CHECKING:  # units.py calls into this module
+    from ca_flax.layers.units import ConvBNAct
 
 EvalAffine = native.EvalAffine
 
@@ -58,10 +60,10 @@ def _float32_unit(unit: ConvBNAct) -> bool:
     return unit.dtype in (None, jnp.float32) and jnp.dtype(unit.param_dtype) == jnp.float32
 
 
-def _may_fuse(caller: nn.Module, unit: ConvBNAct, x: jax.Array, train: bool) -> bool:
+def _may_fuse(unit: ConvBNAct, x: jax.Array, train: bool) -> bool:
     """What every fusion needs: eval mode on an initialized model that records no
     intermediates, float32, an activation the kernels have, the CPU backend."""
-    if train or caller.is_initializing() or caller.is_mutable_collection("intermediates"):
+    if train or unit.is_initializing() or unit.is_mutable_collection("intermediates"):
         return False
     if x.dtype != jnp.float32 or not _float32_unit(unit) or _relu6_flag(unit.activation) is None:
         return False
@@ -94,16 +96,14 @@ _depthwise_unit = recompute_in_backward(
 )
 
 
-def fuses_depthwise_unit(caller: nn.Module, unit: ConvBNAct, producer: ConvBNAct | None, x: jax.Array,
-                         train: bool) -> bool:
+def fuses_depthwise_unit(unit: ConvBNAct, producer: ConvBNAct | None, x: jax.Array, train: bool) -> bool:
     """Whether :func:`depthwise_unit_inference` may replace ``unit(producer(x))``.
 
-    Needs: eval mode on an initialized model (``caller`` is the module making the call)
-    that records no intermediates; float32 throughout; the depthwise unit with
+    Needs: eval mode on an initialized model that records no intermediates; float32 throughout; the depthwise unit with
     ``depthwise_impl='auto'`` (an explicit implementation is honoured as asked); ReLU6 or
     no activation in both units; the CPU backend and a built kernel.
     """
-    if not _may_fuse(caller, unit, x, train) or unit.kind != "depthwise" or unit.depthwise_impl != "auto":
+    if not _may_fuse(unit, x, train) or unit.kind != "depthwise" or unit.depthwise_impl != "auto":
         return False
     if producer is not None and (not _float32_unit(producer) or _relu6_flag(producer.activation) is None):
         return False
@@ -147,11 +147,11 @@ _dense_unit = recompute_in_backward(
 )
 
 
-def fuses_dense_unit(caller: nn.Module, unit: ConvBNAct, x: jax.Array, train: bool) -> bool:
+def fuses_dense_unit(unit: ConvBNAct, x: jax.Array, train: bool) -> bool:
     """Whether :func:`dense_unit_inference` may replace ``unit(x)``: as
     :func:`fuses_depthwise_unit`, for a ``kind='full'`` unit of odd size whose windows
     hold at most ``MAX_FUSED_WINDOW`` values."""
-    if not _may_fuse(caller, unit, x, train) or unit.kind != "full" or unit.kernel_size % 2 == 0:
+    if not _may_fuse(unit, x, train) or unit.kind != "full" or unit.kernel_size % 2 == 0:
         return False
     if unit.kernel_size**2 * x.shape[-1] > MAX_FUSED_WINDOW:
         return False

@@ -4,8 +4,7 @@ A hand-written backward pass often derives large temporaries from forward values
 (a padded copy of a layer's input, its phase planes, a recomputed normalization). XLA
 is then free to compute them early, and XLA:CPU did: it hoisted them into the forward
 pass, where those of every layer sat in memory at once at the start of the backward
-pass (XLA's temporary memory for MobileNetV2+CA's train step at batch 32, 224x224:
-3.16 GB, against 1.68 GB with the work kept in place).
+pass (nearly twice the train step's temporary memory; docs/performance.md).
 ``lax.optimization_barrier`` does not keep them in place on XLA:CPU. :func:`after`
 makes the forward values data-dependent on the incoming cotangent instead, so nothing
 derived from them can run before the cotangent exists; :func:`recompute_in_backward` is

@@ -5,7 +5,7 @@
 """
 
 from ca_flax.models.mobilenetv2 import STAGES, InvertedResidual, MobileNetV2, make_divisible
-from ca_flax.models.plain import plain_modules
+from ca_flax.models.backbone import Backbone, FeatureInfo
 from ca_flax.models.registry import create_model, describe_model, list_models, model_defaults, register_model
 
 # The paper's four networks (Table 4 of the CA paper): same backbone, the attention differs.
@@ -28,6 +28,8 @@ register_model(
 )
 
 __all__ = [
+    "Backbone",
+    "FeatureInfo",
     "STAGES",
     "InvertedResidual",
     "MobileNetV2",
@@ -36,6 +38,5 @@ __all__ = [
     "list_models",
     "make_divisible",
     "model_defaults",
-    "plain_modules",
     "register_model",
 ]

@@ -1,4 +1,4 @@
-"""Eval-mode forward passes in micro-batches, inside the model's own ``apply``.
+"""Eval-mode forward passes in micro-batches, inside a model's own ``apply``.
 
 On CPU a large batch costs more than its images: XLA:CPU ``malloc``s a temporary buffer
 sized by the batch on every call, which glibc maps fresh (a zero-filled page fault per
@@ -8,13 +8,12 @@ variables shared) keeps the buffer small and reused and the maps in cache. In ev
 BatchNorm uses its running statistics, so images are independent and the outputs are
 those of one call on the whole batch.
 
-``'auto'`` micro-batches only where that was measured to win: the CPU backend with a
-single device (README, Performance: MobileNetV2+CA at batch 32, 224x224, float32,
-``jax.jit(model.apply)`` 146-151 -> 175-183 img/s with micro-batches of 8, against 169
-with 4 and 167 with 16).
+``'auto'`` micro-batches only where that was measured to win (docs/performance.md): the
+CPU backend with a single device, and not inside ``ca_flax.fast_paths.disabled()``.
 With several devices a batch may be sharded by ``jax.jit`` across them, which a
 sequential loop over the batch would undo; :func:`ca_flax.inference.make_predictor`
-splits the batch per device first and micro-batches there.
+splits the batch per device first and micro-batches there. Every model family gets this
+from ``models/backbone.Backbone``.
 """
 
 from __future__ import annotations
@@ -26,6 +25,8 @@ import numpy as np
 from flax import linen as nn
 from jax import lax
 
+from ca_flax import fast_paths
+
 MicroBatch = int | str | None
 
 # Micro-batch 'auto' stands for, by backend, where it wins (see the module docstring).
@@ -34,13 +35,15 @@ AUTO_EVAL_MICRO_BATCH = {"cpu": 8}
 
 def resolve_eval_micro_batch(setting: MicroBatch, backend: str | None = None) -> int | None:
     """Images per step for ``setting``: an int as given, ``None`` for the whole batch,
-    ``'auto'`` per backend (8 on a single-device CPU backend, else the whole batch)."""
+    ``'auto'`` per backend (8 on a single-device CPU backend, else the whole batch);
+    ``None`` whatever the setting inside ``ca_flax.fast_paths.disabled()``."""
     if setting == "auto":
         backend = backend or jax.default_backend()
-        if backend not in AUTO_EVAL_MICRO_BATCH or jax.device_count(backend) != 1:
+        if not fast_paths.enabled() or backend not in AUTO_EVAL_MICRO_BATCH or jax.device_count(backend) != 1:
             return None
         return AUTO_EVAL_MICRO_BATCH[backend]
-    return check_micro_batch(setting, "eval_micro_batch")
+    size = check_micro_batch(setting, "eval_micro_batch")
+    return size if fast_paths.enabled() else None
 
 
 def check_micro_batch(setting: MicroBatch, name: str) -> int | None:

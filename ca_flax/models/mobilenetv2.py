@@ -5,7 +5,7 @@ Coordinate Attention paper: one configurable module covers the paper's baseline,
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -13,11 +13,11 @@ from flax import linen as nn
 
 from ca_flax.attention import ATTENTION_BLOCKS, create_attention
 from ca_flax.layers.activations import ActivationLike
-from ca_flax.layers.conv import ConvBNAct, dense_kernel_init
+from ca_flax.layers.conv import dense_kernel_init
 from ca_flax.layers.depthwise import DepthwiseImpl
-from ca_flax.layers.fused import dense_unit_inference, depthwise_unit_inference, fuses_dense_unit, fuses_depthwise_unit
 from ca_flax.layers.pooling import mean_pool
-from ca_flax.models.micro_batch import MicroBatch, eval_micro_batch_size, in_micro_batches, resolve_eval_micro_batch
+from ca_flax.layers.units import ConvBNAct
+from ca_flax.models.backbone import Backbone, FeatureInfo
 
 # (expansion t, channels c, repeats n, first stride s) of the seven stages.
 STAGES: tuple[tuple[int, int, int, int], ...] = (
@@ -47,10 +47,7 @@ class InvertedResidual(nn.Module):
     [attention] -> 1x1 project, BN (linear), plus the input when shapes allow.
 
     With ``expansion == 1`` there is no expand conv and, as in the CA paper, no
-    attention. Submodules: ``expand``, ``depthwise``, ``attention``, ``project``. In eval
-    mode on CPU (float32, ReLU6) the expand BatchNorm through the depthwise unit and the
-    attention's pools run as one native kernel (``layers/fused.py``); same parameters,
-    same values to float rounding.
+    attention. Submodules: ``expand``, ``depthwise``, ``attention``, ``project``.
     """
 
     features: int
@@ -77,39 +74,19 @@ class InvertedResidual(nn.Module):
         if self.expansion != 1:
             expand = ConvBNAct(hidden, kernel_size=1, kind="pointwise", name="expand", **unit)
         depthwise = ConvBNAct(hidden, kernel_size=3, stride=self.stride, kind="depthwise", name="depthwise", **unit)
-        attention = None
+        project = ConvBNAct(self.features, kernel_size=1, kind="pointwise", name="project", **{**unit, "activation": None})
+
+        y = depthwise(x, train, producer=expand)  # depthwise(expand(x))
         if self.attention is not None and self.expansion != 1:
             kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype, **(self.attention_kwargs or {}))
-            attention = create_attention(self.attention, name="attention", **kwargs)
-        if fuses_depthwise_unit(self, depthwise, expand, x, train):
-            # Eval mode on CPU: expand's BatchNorm and ReLU6 through the depthwise unit
-            # and the attention's pools in one native pass (layers/fused.py).
-            y, sums = depthwise_unit_inference(depthwise, expand, x)
-            if attention is not None:
-                y = attention(y, train, sums=sums) if getattr(attention, "uses_sums", False) else attention(y, train)
-        else:
-            y = expand(x, train) if expand is not None else x
-            y = depthwise(y, train)
-            if attention is not None:
-                y = attention(y, train)
-        y = ConvBNAct(self.features, kernel_size=1, kind="pointwise", name="project", **{**unit, "activation": None})(
-            y, train
-        )
+            y = create_attention(self.attention, name="attention", **kwargs)(y, train)
+        y = project(y, train)
         if self.stride == 1 and in_channels == self.features:
             y = x + y
         return y
 
 
-def _channels_hint(shape: tuple[int, ...], in_channels: int) -> str:
-    """How to fix NHWC input of rank 4 whose last axis is not ``in_channels`` long."""
-    if shape[1] == in_channels:  # where NCHW keeps the channels
-        return "it looks like NCHW: transpose it with x.transpose(0, 2, 3, 1)"
-    if (in_channels, shape[-1]) == (3, 4):
-        return "4 channels are RGBA: drop the alpha channel with x[..., :3]"
-    return f"for {shape[-1]}-channel images create the model with in_channels={shape[-1]}"
-
-
-class MobileNetV2(nn.Module):
+class MobileNetV2(Backbone):
     """MobileNetV2 with an optional attention block in every t != 1 inverted residual.
 
     Attributes:
@@ -130,13 +107,10 @@ class MobileNetV2(nn.Module):
       bn_momentum, bn_epsilon: BatchNorm settings, PyTorch's defaults.
       dtype: computation dtype (``jnp.bfloat16`` for mixed precision); parameters and
         BatchNorm statistics stay ``param_dtype`` (float32).
-      eval_micro_batch: in eval mode, run the batch this many images at a time inside
-        the one call (``None``: all at once; ``'auto'``: 8 on a single-device CPU backend,
-        where it is faster, else all at once). The outputs are the same: see
-        ``models/micro_batch.py``.
+      eval_micro_batch: see :class:`~ca_flax.models.backbone.Backbone`.
 
     ``__call__(x, train)`` maps NHWC images to logits; ``features(x, train)`` returns the
-    feature maps of the stem, each stage and the head (see :meth:`features`).
+    maps of the stem, each stage's last block and the head (see :meth:`feature_info`).
     """
 
     num_classes: int = 1000
@@ -154,7 +128,8 @@ class MobileNetV2(nn.Module):
     bn_epsilon: float = 1e-5
     dtype: Any = None
     param_dtype: Any = jnp.float32
-    eval_micro_batch: MicroBatch = "auto"
+
+    runtime_fields: ClassVar[tuple[str, ...]] = Backbone.runtime_fields + ("depthwise_impl",)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -176,8 +151,6 @@ class MobileNetV2(nn.Module):
             raise ValueError(f"num_classes must be a non-negative integer, got {self.num_classes!r}.")
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate!r}.")
-        if self.eval_micro_batch != "auto":
-            resolve_eval_micro_batch(self.eval_micro_batch)  # raises on a bad setting
         for name in ("stem_channels", "head_channels"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -230,51 +203,17 @@ class MobileNetV2(nn.Module):
             )
 
     @nn.nowrap
-    def _check_input(self, x: jax.Array) -> None:
-        if x.ndim != 4:
-            raise ValueError(
-                f"MobileNetV2 expects NHWC images of rank 4 (batch, height, width, {self.in_channels}), "
-                f"got shape {x.shape}; add a batch axis with x[None] for a single image."
-            )
-        if x.shape[-1] != self.in_channels:
-            raise ValueError(
-                f"MobileNetV2 expects {self.in_channels} channels on the last axis (NHWC), got {x.shape[-1]} "
-                f"in shape {x.shape}; {_channels_hint(x.shape, self.in_channels)}."
-            )
+    def feature_info(self) -> tuple[FeatureInfo, ...]:
+        """The stem, each stage's last block, and the head's 1x1 conv (stride 32)."""
+        info, stride = {"stem": FeatureInfo("stem", 2, self.stem_width)}, 2
+        for stage, out, block_stride, _ in self.block_specs():
+            stride *= block_stride
+            info[f"stage{stage}"] = FeatureInfo(f"stage{stage}", stride, out)  # the stage's last block
+        info["head"] = FeatureInfo("head", stride, self.head_width)
+        return tuple(info.values())
 
-    def features(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
-        """Feature maps for detection and segmentation heads.
-
-        Returns ``{'stem', 'stage0', ..., 'stage6', 'head'}``: each stage's last block
-        output (strides 2, 2, 4, 8, 16, 16, 32, 32 relative to the input, then the final
-        1x1 conv at stride 32). Usage:
-        ``model.apply(variables, x, method=model.features)``.
-        """
-        return self._eval_in_micro_batches(MobileNetV2._features, x, train)
-
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        """Logits ``(N, num_classes)`` for NHWC images ``(N, H, W, in_channels)``.
-
-        ``train=True`` uses batch statistics (pass ``mutable=['batch_stats']``) and
-        dropout (pass ``rngs={'dropout': key}``).
-        """
-        return self._eval_in_micro_batches(MobileNetV2._logits, x, train)
-
-    def _eval_in_micro_batches(self, method: Callable[..., Any], x: jax.Array, train: bool) -> Any:
-        """``method(self, x, train)``, in eval mode ``eval_micro_batch`` images at a time."""
-        self._check_input(x)
-        size = eval_micro_batch_size(self, self.eval_micro_batch, x, train)
-        if size is None:
-            return method(self, x, train)
-        return in_micro_batches(self, lambda model, chunk: method(model, chunk, False), x, size)
-
-    def _features(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
-        if self.dtype is not None:
-            x = x.astype(self.dtype)
-        if fuses_dense_unit(self, self.stem, x, train):  # eval mode on CPU: layers/fused.py
-            maps = {"stem": dense_unit_inference(self.stem, x)}
-        else:
-            maps = {"stem": self.stem(x, train)}
+    def forward_features(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
+        maps = {"stem": self.stem(x, train)}
         y = maps["stem"]
         specs = self.block_specs()
         for i, (block, (stage, *_)) in enumerate(zip(self.blocks, specs)):
@@ -284,10 +223,8 @@ class MobileNetV2(nn.Module):
         maps["head"] = self.head(y, train)
         return maps
 
-    def _logits(self, x: jax.Array, train: bool) -> jax.Array:
-        # Through the public method, so capture_intermediates and interceptors see it.
-        y = self.features(x, train)["head"]
-        y = mean_pool(y, axis=(1, 2))
+    def forward_head(self, x: jax.Array, train: bool) -> jax.Array:
+        y = mean_pool(x, axis=(1, 2))
         if not self.num_classes:
             return y
         y = self.dropout(y, deterministic=not train)

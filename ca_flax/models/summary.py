@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from ca_flax.attention.common import GATE_SCOPE
-from ca_flax.models.plain import plain_modules
+from ca_flax import fast_paths
+from ca_flax.layers.gating import GATE_SCOPE
 
 _MAC_PRIMITIVES = ("conv_general_dilated", "dot_general")
 
@@ -127,7 +127,7 @@ def summarize(model: nn.Module, input_shape: tuple[int, ...] = (1, 224, 224, 3),
     # parameters and arithmetic are the same for every implementation), the whole batch
     # in one pass, no native kernels, so XLA's cost analysis sees every product.
     x = jax.ShapeDtypeStruct(input_shape, jnp.float32)
-    with plain_modules(model) as model:
+    with fast_paths.disabled():
         variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0), x)
         calls = _record_calls(model, variables, x, depth)
         jaxpr = jax.make_jaxpr(functools.partial(model.apply, train=False))(variables, x)

@@ -35,6 +35,8 @@ from typing import Iterator
 import jax
 import jaxlib
 
+from ca_flax import fast_paths
+
 SOURCE_DIR = Path(__file__).parent
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 DISABLE_ENV = "CA_FLAX_NATIVE"
@@ -53,17 +55,18 @@ _disabled_here: contextvars.ContextVar[bool] = contextvars.ContextVar("ca_flax_n
 
 def enabled() -> bool:
     """False when ``CA_FLAX_NATIVE=0`` (or ``false``/``no``/``off``) turns the kernels off,
-    or inside :func:`disabled`."""
-    if _disabled_here.get():
+    inside :func:`disabled`, or inside ``ca_flax.fast_paths.disabled()``."""
+    if _disabled_here.get() or not fast_paths.enabled():
         return False
     return os.environ.get(DISABLE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 @contextlib.contextmanager
 def disabled() -> Iterator[None]:
-    """Functions traced inside this block use the XLA formulations (e.g. to count a
-    model's operations, as ``models/summary.py`` does). Like ``CA_FLAX_NATIVE=0``, it acts
-    when a function is traced: a function ``jax.jit`` already traced keeps its program."""
+    """Functions traced inside this block use the XLA formulations of the kernels (the
+    other fast paths stay on; ``ca_flax.fast_paths.disabled()`` turns all of them off).
+    Like ``CA_FLAX_NATIVE=0``, it acts when a function is traced: a function ``jax.jit``
+    already traced keeps its program."""
     token = _disabled_here.set(True)
     try:
         yield
