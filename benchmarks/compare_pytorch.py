@@ -162,8 +162,9 @@ def _jax_device_peak(result: dict, compiled=None) -> dict:
     """Adds XLA's peak device allocation on an accelerator (CPU reports none), and what the
     executable itself needs (arguments, outputs, temporaries: XLA's memory analysis).
 
-    The allocator's peak includes what cuDNN's autotuning took while compiling: on the
-    H200 a 2.9 GiB scratch buffer, against 1.3 GiB for running the inference program."""
+    The allocator's peak includes what cuDNN's autotuning took while compiling (a scratch
+    buffer larger than the inference program's own need on the H200: docs/performance.md,
+    "On a GPU"), so both are reported."""
     import jax
 
     stats = jax.local_devices()[0].memory_stats() or {}

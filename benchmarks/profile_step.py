@@ -13,7 +13,7 @@ came from: the HLO metadata of every fused kernel names the Flax module path and
 whether it belongs to the forward pass or to the transpose (backward) pass. Kernel time
 is summed over threads, so the total can exceed the step's wall time on several cores.
 It runs under the process's allocator setting; ``train.py`` uses glibc's default ``malloc``
-(``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` profiles the huge-page variant the README compares).
+(``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` profiles the huge-page variant docs/performance.md compares).
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@
 Prints top-1, top-5 and loss over every example of the evaluation split, exactly once
 (padded, masked batches), as JSON on the last line. Exit 2 with a message on bad input.
 An unreadable newest checkpoint of a workdir is skipped for the next older one with a
-warning; the workdir is only read (a run may be training in it).
+warning; the workdir is only read (a run may be training in it). Needs the ``train``
+extra (the input pipeline and the trainer's evaluation): ``pip install 'ca-flax[train]'``.
 """
 
 from __future__ import annotations
@@ -19,15 +20,19 @@ import sys
 import warnings
 from typing import Any
 
-import jax
+from ca_flax._extras import require
 
-from ca_flax import data
-from ca_flax.checkpoints import CheckpointError, read_metadata, restore
-from ca_flax.inference import predict_fn, usable_cores, use_cpu_device_per_core
-from ca_flax.training import parallel
-from ca_flax.training.state import TrainState
-from ca_flax.training.steps import eval_step
-from ca_flax.training.trainer import evaluate
+require("python -m ca_flax.evaluate", "train")
+
+import jax  # noqa: E402
+
+from ca_flax import data  # noqa: E402
+from ca_flax.checkpoints import CheckpointError, read_metadata, restore  # noqa: E402
+from ca_flax.inference import predict_fn, usable_cores, use_cpu_device_per_core  # noqa: E402
+from ca_flax.training import parallel  # noqa: E402
+from ca_flax.training.state import TrainState  # noqa: E402
+from ca_flax.training.steps import eval_step  # noqa: E402
+from ca_flax.training.trainer import evaluate  # noqa: E402
 
 
 def evaluate_checkpoint(

@@ -10,7 +10,8 @@ per image per line: ``{"file": ..., "top_k": [{"index": i, "label": name, "proba
 p}, ...]}`` (plus ``"note"`` when a grayscale or RGBA file was converted to RGB), or
 ``{"file": ..., "error": message}`` for a file that cannot be read. Exit status 0, or 2
 when any file failed (the others' results are still printed) or the checkpoint cannot be
-used, with a one-line ``error:`` on stderr.
+used, with a one-line ``error:`` on stderr. Needs the ``viz`` extra's TensorFlow, which
+decodes the images (``pip install 'ca-flax[viz]'``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ca_flax._extras import MissingExtraError
 from ca_flax.checkpoints import CheckpointError, read_metadata, restore
 from ca_flax.viz.cli import add_checkpoint_arguments
 from ca_flax.viz.images import EvalPreprocessing, ImageError, eval_preprocessing, read_image
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         predictor = load_predictor(args.checkpoint, which=args.which, dataset=args.dataset,
                                    image_size=args.image_size, data_dir=args.data_dir)
         results = predict_files(predictor, args.images, k=args.top_k, batch_size=args.batch_size)
-    except (CheckpointError, ValueError) as error:
+    except (CheckpointError, ValueError, MissingExtraError) as error:  # MissingExtraError: no TensorFlow
         print(f"error: {error}", file=sys.stderr)
         return 2
     for result in results:

@@ -14,7 +14,9 @@ decode / crop / resize / normalize code (``ca_flax.data.preprocess``). See
 ``ca_flax.data.pipeline`` for the determinism and multi-process scheme.
 
 ``AugmentConfig``, ``DatasetInfo`` and ``default_augment`` are plain Python; everything
-else imports TensorFlow on first use, so importing this package stays cheap.
+else imports TensorFlow on first use, so importing this package stays cheap. The pipeline
+needs the ``train`` extra (``pip install 'ca-flax[train]'``: TensorFlow, TFDS,
+scikit-learn for digits); without it, first use raises an ImportError naming the extra.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ca_flax._extras import message, require
 from ca_flax.data._tf import tf
 from ca_flax.data.config import DatasetInfo
 
@@ -137,7 +138,7 @@ def _digits() -> IndexedSource:
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ValueError("Dataset 'digits' needs scikit-learn: pip install scikit-learn") from e
+        raise ValueError(message("Dataset 'digits'", "train", ["sklearn"])) from e
 
     digits = load_digits()
     gray = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # values 0..16 -> 0..255
@@ -248,6 +249,7 @@ def _missing(data_dir: str | None) -> str:
 
 def _tfds(name: str, data_dir: str | os.PathLike | None) -> StreamSource:
     """A TFDS builder over already-prepared data (never downloads or prepares)."""
+    require(f"Dataset {name!r} (TensorFlow Datasets)", "train", ("tensorflow_datasets",))
     import tensorflow_datasets as tfds
 
     if data_dir is not None:

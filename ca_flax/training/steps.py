@@ -60,7 +60,7 @@ def train_steps(
     A ``lax.scan`` of :func:`train_step`, so the updates are exactly the sequence of
     single steps. On CPU it is faster: XLA:CPU allocates a call's temporary memory
     afresh on every call, and pays a page fault for each 4 KiB of it; ``k`` steps per call
-    pay once for ``k`` (see ``trainer.steps_per_call``).
+    pay once for ``k`` (see ``trainer.steps_per_call``; measured in docs/training.md).
     """
 
     def one(carry: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:

@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ca_flax._extras import require
 from ca_flax.data.config import MEAN_RGB, STDDEV_RGB, AugmentConfig, default_augment
 
 IMAGENET = "imagenet2012"
@@ -68,10 +69,18 @@ def eval_preprocessing(
     return EvalPreprocessing(dataset, int(size), default_augment(dataset) if dataset else AugmentConfig())
 
 
+def _tensorflow() -> Any:
+    """TensorFlow, which decodes the images; without it, the viz extra named."""
+    require("Reading image files (ca_flax.predict, ca_flax.visualize)", "viz", ("tensorflow",))
+    from ca_flax.data._tf import tf
+
+    return tf
+
+
 @functools.lru_cache(maxsize=8)
 def _preprocess_fn(image_size: int, augment: AugmentConfig) -> Any:
     """``preprocess_eval`` as one traced TensorFlow function per setting."""
-    from ca_flax.data._tf import tf
+    tf = _tensorflow()
     from ca_flax.data.preprocess import preprocess_eval
 
     return tf.function(lambda data: preprocess_eval(data, image_size, augment),
@@ -102,7 +111,7 @@ def read_image(path: str | os.PathLike[str], preprocessing: EvalPreprocessing) -
     Raises :class:`ImageError` with a one-line message for anything that is not a
     decodable image.
     """
-    from ca_flax.data._tf import tf
+    tf = _tensorflow()
 
     data = read_bytes(path)
     try:

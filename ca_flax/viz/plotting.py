@@ -14,11 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from ca_flax._extras import MissingExtraError, message
+
 EXTRA_HINT = "pip install 'ca-flax[viz]'"
-
-
-class MissingExtraError(ImportError):
-    """matplotlib, which draws the pictures, is not installed; the message says how to get it."""
 
 
 def figure_class() -> Any:
@@ -26,7 +24,7 @@ def figure_class() -> Any:
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise MissingExtraError(f"the pictures need matplotlib, which is not installed: {EXTRA_HINT}") from None
+        raise MissingExtraError(message("the pictures", "viz", ["matplotlib"])) from None
     return Figure
 
 
