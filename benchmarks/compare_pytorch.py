@@ -2,6 +2,7 @@
 
     python benchmarks/compare_pytorch.py [--batch 32] [--image-size 224] [--steps 10]
         [--out benchmarks/results/compare_pytorch.json] [--only torch_train_nchw,...]
+        [--torch-python /path/to/venv-with-newest-torch/bin/python]
     python benchmarks/compare_pytorch.py --device gpu --dtype bfloat16 --batch 256 \
         --out benchmarks/results/compare_pytorch_gpu.json
 
@@ -348,7 +349,8 @@ def _failure(name: str, status: int, timed_out: bool, args: argparse.Namespace, 
 
 
 def run_worker(name: str, args: argparse.Namespace, env: dict[str, str] | None = None) -> dict:
-    command = [sys.executable, __file__, "--worker", name, "--batch", str(args.batch),
+    python = args.torch_python if name.startswith("torch") and args.torch_python else sys.executable
+    command = [python, __file__, "--worker", name, "--batch", str(args.batch),
                "--image-size", str(args.image_size), "--steps", str(args.steps), "--device", args.device,
                "--dtype", args.dtype, "--depthwise-impl", args.depthwise_impl,
                "--torch-micro-batch", str(args.torch_micro_batch)]
@@ -498,6 +500,9 @@ def main() -> None:
                         help="GLIBC_TUNABLES for every process, e.g. glibc.malloc.hugetlb=1 (default: none)")
     parser.add_argument("--worker-timeout", type=float, default=None,
                         help="seconds before a measurement's process is killed (default: none)")
+    parser.add_argument("--torch-python", default=None,
+                        help="Python of another venv to run the PyTorch measurements in (e.g. one with the newest "
+                             "torch); it needs torch and numpy only")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -509,7 +514,8 @@ def main() -> None:
           f"{args.steps} timed steps; {_machine()['cpu']} ({os.cpu_count()} cores); "
           f"GLIBC_TUNABLES={args.glibc_tunables or '(unset)'}", flush=True)
     settings = {"batch": args.batch, "image_size": args.image_size, "steps": args.steps, "dtype": args.dtype,
-                "device": args.device, "depthwise_impl": args.depthwise_impl, "glibc_tunables": args.glibc_tunables}
+                "device": args.device, "depthwise_impl": args.depthwise_impl, "glibc_tunables": args.glibc_tunables,
+                "torch_python": args.torch_python}
     report = {"settings": settings, "machine": _machine(), "date": time.strftime("%Y-%m-%d"), "results": {}}
     results: dict[str, dict] = report["results"]
     madds = peak_tflops = None
