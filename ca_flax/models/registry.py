@@ -34,6 +34,20 @@ def model_defaults(name: str) -> dict[str, Any]:
     return dict(_lookup(name)[1])
 
 
+def architectures() -> dict[str, type[nn.Module]]:
+    """``{class name: class}`` of every registered factory that is a Module class: the
+    architectures a checkpoint's ``"architecture"`` field can name."""
+    found: dict[str, type[nn.Module]] = {}
+    for name, (factory, _, _) in _REGISTRY.items():
+        if not (isinstance(factory, type) and issubclass(factory, nn.Module)):
+            continue
+        other = found.setdefault(factory.__name__, factory)
+        if other is not factory:  # checkpoints name the class: two of one name would be ambiguous
+            raise ValueError(f"Model {name!r} registers a second class named {factory.__name__!r} "
+                             f"({factory.__module__} and {other.__module__}); rename one.")
+    return found
+
+
 def describe_model(name: str) -> str:
     """One line on what the named variant is."""
     return _lookup(name)[2]

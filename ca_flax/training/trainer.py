@@ -33,13 +33,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import traverse_util
 
 from ca_flax import data
 from ca_flax.data import synthetic
 from ca_flax.inference import predict_fn
-from ca_flax.checkpoints import (
-    FORMAT, METADATA_FILE, VERSION, abstract_variables, model_config, read_metadata, restore,
-)
+from ca_flax.checkpoints import METADATA_FILE, abstract_variables, model_metadata, read_metadata, restore
 from ca_flax.models import create_model
 from ca_flax.training import parallel, workdir as workdir_guard
 from ca_flax.training.checkpointing import BEST_METRIC, CheckpointManager, remove_unfinished
@@ -210,8 +209,8 @@ def initial_variables(model: Any, config: ml_collections.ConfigDict, rng: jax.Ar
     merged = dict(fresh)
     kept, reinitialized = 0, []
     for collection in ("params", "batch_stats"):
-        flat_fresh = _flatten(fresh.get(collection, {}))
-        flat_source = _flatten(source.get(collection, {}))
+        flat_fresh = traverse_util.flatten_dict(dict(fresh.get(collection, {})), sep="/")
+        flat_source = traverse_util.flatten_dict(dict(source.get(collection, {})), sep="/")
         out = {}
         for key, value in flat_fresh.items():
             src = flat_source.get(key)
@@ -221,7 +220,7 @@ def initial_variables(model: Any, config: ml_collections.ConfigDict, rng: jax.Ar
             else:
                 out[key] = value
                 reinitialized.append(f"{collection}/{key}")
-        merged[collection] = _unflatten(out)
+        merged[collection] = traverse_util.unflatten_dict(out, sep="/")
     if any(not k.startswith(("params/classifier", "batch_stats/classifier")) for k in reinitialized):
         raise ValueError(
             f"init_from={config.init_from!r} does not fit model {config.model!r} at width {config.width_mult}: "
@@ -230,21 +229,6 @@ def initial_variables(model: Any, config: ml_collections.ConfigDict, rng: jax.Ar
     note = f" (classifier re-initialized: {source_model.num_classes} -> {model.num_classes} classes)" if reinitialized else ""
     console(f"Initialized {kept} variables from {config.init_from}{note}.")
     return merged
-
-
-def _flatten(tree: dict[str, Any]) -> dict[str, Any]:
-    return {"/".join(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for key, value in flat.items():
-        node = tree
-        *parents, leaf = key.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
 
 
 def _state_shapes(model: Any, tx: Any, rng: jax.Array, sharding: Any) -> TrainState:
@@ -259,11 +243,8 @@ def write_model_json(workdir: Path, model: Any, config: ml_collections.ConfigDic
     workdir loads like a converted checkpoint (``ca_flax.checkpoints.restore``)."""
     if jax.process_index() != 0:
         return
-    metadata = {
-        "format": FORMAT, "version": VERSION, "architecture": type(model).__name__, "config": model_config(model),
-        "source": {"trained_by": "ca_flax train.py", "model": config.model, "dataset": config.dataset,
-                   "image_size": config.image_size},
-    }
+    metadata = model_metadata(model, {"trained_by": "ca_flax train.py", "model": config.model,
+                                      "dataset": config.dataset, "image_size": config.image_size})
     tmp = workdir / (METADATA_FILE + ".tmp")
     tmp.write_text(json.dumps(metadata, indent=2) + "\n")
     tmp.replace(workdir / METADATA_FILE)

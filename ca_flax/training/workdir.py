@@ -20,7 +20,7 @@ import socket
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from ca_flax.checkpoints import METADATA_FILE, TRAINING_DIR, model_config, read_metadata
+from ca_flax.checkpoints import METADATA_FILE, TRAINING_DIR, architecture_name, model_config, read_metadata
 
 LOCK_FILE = ".lock"
 
@@ -67,7 +67,7 @@ def check_model(workdir: Path, model: Any, config: Any) -> None:
         return
     saved = read_metadata(workdir)
     # Through JSON, as model.json holds it (tuples become lists).
-    ours = {"architecture": type(model).__name__, **json.loads(json.dumps(model_config(model)))}
+    ours = {"architecture": architecture_name(model), **json.loads(json.dumps(model_config(model)))}
     theirs = {"architecture": saved.get("architecture", "MobileNetV2"), **saved["config"]}
     changed = differences(theirs, ours)
     if not changed:
