@@ -69,9 +69,9 @@ def _training_config():
     from configs import default
 
     config = default.get_config()
-    config.width_mult = MODEL["width_mult"]
-    config.model_overrides = ml_collections.ConfigDict(
-        {"stage_repeats": MODEL["stage_repeats"], "head_channels": MODEL["head_channels"],
+    config.model_kwargs = ml_collections.ConfigDict(
+        {"width_mult": MODEL["width_mult"], "dropout_rate": 0.1, "depthwise_impl": "auto",
+         "stage_repeats": MODEL["stage_repeats"], "head_channels": MODEL["head_channels"],
          "attention_kwargs": MODEL["attention_kwargs"]})
     config.update(image_size=32, batch_size=16, eval_batch_size=64, num_train_steps=2, log_every_steps=1,
                   eval_every_steps=1, checkpoint_every_steps=1, keep_checkpoints=1, async_checkpoints=False)

@@ -97,10 +97,8 @@ def describe(changed: Mapping[str, tuple[Any, Any]]) -> str:
 
 def _flag(field: str, value: Any, source: Mapping[str, Any]) -> str:
     """The train.py flag that sets the model field ``field`` back to ``value``."""
-    if field == "width_mult":
-        return f"--config.width_mult={value}"
     if field in ("attention", "architecture") and source.get("model"):
         return f"--config.model={source['model']}"
     if field == "num_classes" and source.get("dataset"):
         return f"--config.dataset={source['dataset']}"
-    return f"--config.model_overrides.{field}={json.dumps(value)}"
+    return f"--config.model_kwargs.{field}={json.dumps(value)}"
