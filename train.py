@@ -11,7 +11,6 @@ config field, workdir or dataset ends the run with one `error: ...` line and exi
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import glob
 import os
@@ -33,25 +32,41 @@ from ml_collections.config_flags.config_flags import ConfigFileFlagParser  # noq
 _HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(_HERE, "configs", "default.py")
 
-# Fields that take keys the config file does not list: any create_model option.
-OPEN_FIELDS = ("model_overrides",)
-# create_model arguments the trainer sets from other fields.
-MODEL_ARGS_FROM_CONFIG = {"num_classes": "the dataset", "width_mult": "--config.width_mult",
-                          "dtype": "--config.dtype", "param_dtype": "--config.param_dtype"}
+# Fields that take keys the config file does not list: any create_model option (the
+# trainer checks them against the model's options, ca_flax.training.trainer.model_kwargs).
+OPEN_FIELDS = ("model_kwargs",)
+# Flags of before issue #16 and where their fields went.
+MOVED_FIELDS = {"width_mult": "model_kwargs.width_mult", "model_overrides": "model_kwargs"}
 HELP = ("-h", "-?", "--help", "-help", "--helpshort", "-helpshort")
 HELPFULL = ("--helpfull", "-helpfull")
 
 FLAGS = flags.FLAGS
 
 
-def define_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
-    """train.py's flags; the config flag reads its ``--config.FIELD`` overrides from ``argv``."""
-    # Overrides may add keys (model_overrides only: check_override_names has vetted every
+class LoadedConfigParser(ConfigFileFlagParser):
+    """The config flag's parser: hands back the config :func:`parse_flags` already loaded
+    (and checked the overrides against) for ``spec``, instead of loading it again."""
+
+    def __init__(self, spec: str, config: ml_collections.ConfigDict) -> None:
+        super().__init__("config", lock_config=False)
+        self.spec, self.config = spec, config
+
+    def parse(self, path: str) -> ml_collections.ConfigDict:
+        return self.config if path == self.spec else super().parse(path)
+
+
+def define_flags(flag_values: flags.FlagValues, argv: Sequence[str],
+                 loaded: tuple[str, ml_collections.ConfigDict] | None = None) -> None:
+    """train.py's flags; the config flag reads its ``--config.FIELD`` overrides from
+    ``argv``, and with ``loaded`` (``(spec, config)``) takes that config for ``spec``."""
+    # Overrides may add keys (model_kwargs only: check_override_names has vetted every
     # name), so the config is locked after parsing, not by the flag.
     config_flags.DEFINE_config_file(
         "config", DEFAULT_CONFIG, "Training configuration file[:argument]; set its fields with "
         "--config.FIELD=VALUE (--help lists them).", flag_values=flag_values, lock_config=False,
         accept_new_attributes=True, sys_argv=list(argv))
+    if loaded is not None:  # the flag has loaded nothing yet when argv names --config (parse_flags sees to it)
+        flag_values["config"].parser = LoadedConfigParser(*loaded)
     flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard events (default: "
                         "./workdirs/<config>).", flag_values=flag_values)
     flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a multi-process run without a "
@@ -121,6 +136,11 @@ def check_override_names(config: ml_collections.ConfigDict, argv: Sequence[str])
     name; new keys are accepted under OPEN_FIELDS only."""
     names = [name for name, _ in config_fields(config)]
     known = set(names) | {".".join(n.split(".")[:i]) for n in names for i in range(1, n.count(".") + 1)}
+    for arg in flag_args(argv):
+        moved = re.match(r"(--?(?:no)?config\.)(%s)\b(.*)" % "|".join(MOVED_FIELDS), arg)
+        if moved and moved.group(2) not in known:
+            raise ValueError(f"{arg} was moved: write {moved.group(1)}{MOVED_FIELDS[moved.group(2)]}{moved.group(3)} "
+                             "instead (every model option is a --config.model_kwargs.KEY=VALUE).")
     for name in override_names(argv):
         parent, _, key = name.rpartition(".")
         if name in known or (parent in OPEN_FIELDS and parent in known and "." not in key):
@@ -140,7 +160,7 @@ def help_text(flag_values: flags.FlagValues, full: bool) -> str:
     spec = os.path.relpath(spec) if spec == DEFAULT_CONFIG else spec
     flag_help = flag_values.get_help() if full else flag_values.module_help(sys.argv[0])
     fields = [f"  --config.{name}={command_line_value(value)}" for name, value in config_fields(config)]
-    open_fields = [f"  --config.{name}.KEY=VALUE   (any other option of the model: stage_repeats=1,1,2,3,2,2,1, "
+    open_fields = [f"  --config.{name}.KEY=VALUE   (any other option of config.model: stage_repeats=1,1,2,3,2,2,1, "
                    f"attention_kwargs=\"{{'reduction': 16}}\", ...)" for name in OPEN_FIELDS if name in config]
     return "\n".join([
         __doc__.strip(), "", "flags:", flag_help, "",
@@ -172,9 +192,14 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = FLAGS) -> l
         fail(error)
     asked = [arg for arg in flag_args(argv) if arg in HELP + HELPFULL]
     argv = [arg for arg in argv if arg not in asked]
+    spec = config_spec(argv)
+    if not any(re.match(r"--?config(=|$)", arg) for arg in flag_args(argv)):
+        # Named explicitly, so that the flag does not load its default at definition.
+        argv = [argv[0], f"--config={spec}", *argv[1:]]
     try:
-        check_override_names(load_config(config_spec(argv)), argv)
-        define_flags(flag_values, argv)
+        config = load_config(spec)  # the only time the config file is loaded
+        check_override_names(config, argv)
+        define_flags(flag_values, argv, loaded=(spec, config))
         rest = flag_values(argv)
     except (flags.Error, OSError, ValueError) as error:
         fail(error)
@@ -219,21 +244,6 @@ def check_workdir(workdir: str) -> None:
                          f"({error.strerror}).") from None
 
 
-def check_model_overrides(config: ml_collections.ConfigDict) -> None:
-    """Refuses a ``model_overrides`` key the model does not take, with the options it does
-    (the model would raise a TypeError inside the trainer)."""
-    from ca_flax.models import create_model
-
-    options = sorted(f.name for f in dataclasses.fields(type(create_model(config.model))) if f.init
-                     and f.name not in ("parent", "name") and f.name not in MODEL_ARGS_FROM_CONFIG)
-    for key in config.get("model_overrides") or {}:
-        if key in MODEL_ARGS_FROM_CONFIG:
-            raise ValueError(f"--config.model_overrides.{key}: set by {MODEL_ARGS_FROM_CONFIG[key]}, not here.")
-        if key not in options:
-            raise ValueError(f"--config.model_overrides.{key}: {config.model} has no option {key!r}"
-                             f"{did_you_mean(key, options)}; its options: {', '.join(options)}.")
-
-
 def main(argv: list[str]) -> None:
     del argv  # parse_flags refused arguments that are not flags.
     if not FLAGS["verbosity"].present:
@@ -253,7 +263,6 @@ def main(argv: list[str]) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     try:
         parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-        check_model_overrides(FLAGS.config)
         train_and_evaluate(FLAGS.config, workdir)
     except (ValueError, FileNotFoundError) as error:
         fail(error)

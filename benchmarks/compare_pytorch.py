@@ -262,7 +262,7 @@ def flax_train_step_worker(batch: int, size: int, steps: int, dtype: str, depthw
 
     config = fake_data_benchmark.get_config()
     config.batch_size, config.image_size, config.dtype = batch, size, dtype
-    config.model_overrides.depthwise_impl = depthwise_impl
+    config.model_kwargs.depthwise_impl = depthwise_impl
     per_call = steps_per_call(config, config.num_train_steps)
     model = build_model(config, synthetic.NUM_CLASSES)
     shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),

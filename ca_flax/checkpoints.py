@@ -23,6 +23,7 @@ that looks valid.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import gc
 import json
@@ -38,9 +39,12 @@ from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
+from flax import traverse_util
 
-from ca_flax.models import MobileNetV2
+import ca_flax.models  # noqa: F401 - registers the model families
+from ca_flax.models.registry import architectures
 
 FORMAT = "ca-flax-model"
 VERSION = 1
@@ -50,13 +54,10 @@ VARIABLES_DIR = "variables"
 # the best one has the highest meta["metrics"][BEST_METRIC].
 TRAINING_DIR = "checkpoints"
 BEST_METRIC = "eval_top1"
-ARCHITECTURES: dict[str, type[nn.Module]] = {"MobileNetV2": MobileNetV2}
-# The module fields a checkpoint records; runtime choices (depthwise_impl, dtype) are not
-# part of the model and stay at their defaults on load.
-CONFIG_FIELDS = (
-    "num_classes", "width_mult", "stage_repeats", "stem_channels", "head_channels", "attention",
-    "attention_kwargs", "dropout_rate", "activation", "in_channels", "bn_momentum", "bn_epsilon",
-)
+# Module fields that are runtime choices, not part of the model: a checkpoint does not
+# record them and they stay at their defaults on load. A family's module class declares
+# its own as the ClassVar ``runtime_fields``; this is the default for one that does not.
+DEFAULT_RUNTIME_FIELDS = ("depthwise_impl", "eval_micro_batch", "dtype", "param_dtype")
 
 Variables = Mapping[str, Any]
 T = TypeVar("T")
@@ -75,21 +76,20 @@ class CheckpointWarning(UserWarning):
     """An unreadable checkpoint step was skipped in favour of an older one."""
 
 
+def config_fields(cls: type[nn.Module]) -> tuple[str, ...]:
+    """The fields of module class ``cls`` a checkpoint records, in declaration order: its
+    init fields but ``parent``, ``name`` and its ``runtime_fields``."""
+    runtime = set(getattr(cls, "runtime_fields", DEFAULT_RUNTIME_FIELDS))
+    return tuple(f.name for f in dataclasses.fields(cls)
+                 if f.init and f.name not in ("parent", "name") and f.name not in runtime)
+
+
 def model_config(model: nn.Module) -> dict[str, Any]:
-    """The JSON-serializable configuration of ``model`` (see :data:`CONFIG_FIELDS`)."""
-    _architecture_name(model)
-    config: dict[str, Any] = {}
-    for name in CONFIG_FIELDS:
-        value = getattr(model, name)
-        if name == "activation" and not isinstance(value, str):
-            raise CheckpointError(
-                f"Cannot save a model whose activation is a callable ({value!r}); use a named activation."
-            )
-        if name == "stage_repeats":
-            value = [int(v) for v in value]
-        elif name == "attention_kwargs" and value is not None:
-            value = dict(value)
-        config[name] = value
+    """The JSON-serializable configuration of ``model`` (see :func:`config_fields`):
+    sequences become lists and mappings dicts; a callable is refused (it has no name
+    to save)."""
+    architecture_name(model)
+    config = {name: _to_json(name, getattr(model, name)) for name in config_fields(type(model))}
     try:
         json.dumps(config, allow_nan=False)
     except (TypeError, ValueError) as error:
@@ -97,20 +97,57 @@ def model_config(model: nn.Module) -> dict[str, Any]:
     return config
 
 
+def _to_json(name: str, value: Any) -> Any:
+    """``value`` of field ``name`` in JSON's types, by the value's type."""
+    if isinstance(value, (str, bool, int, float, type(None))):
+        return value
+    if isinstance(value, np.generic):  # a numpy scalar
+        return value.item()
+    if isinstance(value, (tuple, list)):
+        return [_to_json(name, v) for v in value]
+    if isinstance(value, Mapping) or callable(getattr(value, "items", None)):  # ml_collections' ConfigDict too
+        return {k: _to_json(name, v) for k, v in value.items()}
+    if callable(value):
+        raise CheckpointError(
+            f"Cannot save a model whose {name} is a callable ({value!r}); use a named {name}."
+        )
+    return value  # json.dumps in model_config names what does not serialize
+
+
+def _from_json(value: Any) -> Any:
+    """The inverse of :func:`_to_json`: lists become tuples (module fields are hashable)."""
+    if isinstance(value, list):
+        return tuple(_from_json(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _from_json(v) for k, v in value.items()}
+    return value
+
+
 def model_from_config(config: Mapping[str, Any], architecture: str = "MobileNetV2") -> nn.Module:
     """Builds the module a :func:`model_config` dict describes."""
-    if architecture not in ARCHITECTURES:
-        raise CheckpointError(f"Unknown architecture {architecture!r}; known: {', '.join(ARCHITECTURES)}.")
-    unknown = sorted(set(config) - set(CONFIG_FIELDS))
+    known = architectures()
+    if architecture not in known:
+        raise CheckpointError(f"Unknown architecture {architecture!r}; known: {', '.join(known)}.")
+    cls = known[architecture]
+    fields = config_fields(cls)
+    unknown = sorted(set(config) - set(fields))
     if unknown:
-        raise CheckpointError(f"Unknown configuration fields {unknown}; known: {', '.join(CONFIG_FIELDS)}.")
-    kwargs = dict(config)
-    if "stage_repeats" in kwargs:
-        kwargs["stage_repeats"] = tuple(kwargs["stage_repeats"])
+        raise CheckpointError(f"Unknown configuration fields {unknown}; known: {', '.join(fields)}.")
     try:
-        return ARCHITECTURES[architecture](**kwargs)
+        return cls(**{name: _from_json(value) for name, value in config.items()})
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"Invalid model configuration: {error}") from None
+
+
+def model_metadata(model: nn.Module, source: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The contents of ``model.json`` for ``model`` with provenance ``source``."""
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "architecture": architecture_name(model),
+        "config": model_config(model),
+        "source": dict(source) if source is not None else None,
+    }
 
 
 _SHAPES_CACHE: OrderedDict[str, dict[str, Any]] = OrderedDict()
@@ -125,7 +162,7 @@ def abstract_variables(model: nn.Module) -> dict[str, Any]:
     """
     key = repr(model)
     if key not in _SHAPES_CACHE:
-        x = jax.ShapeDtypeStruct((1, 32, 32, model.in_channels), jnp.float32)
+        x = jax.ShapeDtypeStruct((1, 32, 32, getattr(model, "in_channels", 3)), jnp.float32)
         init = functools.partial(model.init, train=False)
         _SHAPES_CACHE[key] = jax.tree_util.tree_map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), dict(jax.eval_shape(init, jax.random.key(0), x))
@@ -135,15 +172,16 @@ def abstract_variables(model: nn.Module) -> dict[str, Any]:
     return jax.tree_util.tree_map(lambda a: a, _SHAPES_CACHE[key])
 
 
-def variables_mismatch(expected: Variables, variables: Variables, *, dtypes: bool = False) -> list[str]:
-    """Differences between two variable trees (paths, shapes and, with ``dtypes``, dtypes), one line each."""
-    return flat_mismatch(_flatten(expected), _flatten(variables), dtypes=dtypes)
+def variables_mismatch(expected: Variables, given: Variables, *, dtypes: bool = False) -> list[str]:
+    """Differences between two variable trees, one line each: missing and unexpected
+    paths (``params/stem/conv/kernel``), shapes and, with ``dtypes``, dtypes.
 
-
-def flat_mismatch(expected: Mapping[str, Any], given: Mapping[str, Any], *, dtypes: bool = False) -> list[str]:
-    """Differences between two ``{path: array-like}`` dicts, one line each. A
+    The trees are nested dicts, or dicts already flat with ``/``-joined keys. A
     ``ShapeDtypeStruct`` in ``given`` is missing: it is what a partial restore leaves
-    where the checkpoint has no array."""
+    where the checkpoint has no array.
+    """
+    expected = traverse_util.flatten_dict(dict(expected), sep="/")
+    given = traverse_util.flatten_dict(dict(given), sep="/")
     absent = {p for p, leaf in given.items() if isinstance(leaf, jax.ShapeDtypeStruct)}
     problems = [f"missing {p}" for p in expected if p not in given or p in absent]
     problems += [f"unexpected {p}" for p in given if p not in expected]
@@ -158,21 +196,17 @@ def flat_mismatch(expected: Mapping[str, Any], given: Mapping[str, Any], *, dtyp
 
 
 def summarize(problems: Sequence[str], shown: int = 3) -> str:
-    """The first ``shown`` of :func:`flat_mismatch`'s lines and how many more there are."""
+    """The first ``shown`` of :func:`variables_mismatch`'s lines and how many more there are."""
     more = f" (and {len(problems) - shown} more)" if len(problems) > shown else ""
     return "; ".join(problems[:shown]) + more
 
 
-def _flatten(tree: Variables) -> dict[str, Any]:
-    leaves = jax.tree_util.tree_flatten_with_path(dict(tree))[0]
-    return {"/".join(str(getattr(k, "key", k)) for k in path): leaf for path, leaf in leaves}
-
-
-def _architecture_name(model: nn.Module) -> str:
-    for name, cls in ARCHITECTURES.items():
+def architecture_name(model: nn.Module) -> str:
+    """The name ``model.json`` records for ``model``'s class (a registered family's)."""
+    for name, cls in architectures().items():
         if type(model) is cls:
             return name
-    raise CheckpointError(f"Cannot save a {type(model).__name__}; supported: {', '.join(ARCHITECTURES)}.")
+    raise CheckpointError(f"Cannot save a {type(model).__name__}; supported: {', '.join(architectures())}.")
 
 
 def save_model(
@@ -195,13 +229,7 @@ def save_model(
     Returns the checkpoint path. Raises :class:`CheckpointError` on bad input.
     """
     path = Path(path).absolute()
-    metadata = {
-        "format": FORMAT,
-        "version": VERSION,
-        "architecture": _architecture_name(model),
-        "config": model_config(model),
-        "source": dict(source) if source is not None else None,
-    }
+    metadata = model_metadata(model, source)
     try:
         text = json.dumps(metadata, indent=2, allow_nan=False)
     except (TypeError, ValueError) as error:

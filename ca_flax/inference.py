@@ -37,7 +37,7 @@ except ImportError:  # jax < 0.6
     from jax.experimental.shard_map import shard_map
 
 from ca_flax.models.micro_batch import check_micro_batch, map_micro_batches, pad_rows
-from ca_flax.training.parallel import DATA_AXIS, make_mesh
+from ca_flax.mesh import DATA_AXIS, make_mesh
 
 # Per-device micro-batch that micro_batch='auto' picks, by backend (None: the whole
 # per-device batch in one call). CPU: 2 was fastest of 1, 2, 4, 8 and 16 with a device

@@ -29,10 +29,11 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
     # Model.
-    config.model = "mobilenetv2_ca"
-    config.width_mult = 0.35
-    # Any other create_model option (attention_kwargs, stage_repeats, depthwise_impl, ...).
-    config.model_overrides = ml_collections.ConfigDict({"dropout_rate": 0.1, "depthwise_impl": "auto"})
+    config.model = "mobilenetv2_ca"  # a registered name (`python -m ca_flax.models list`)
+    # The model's settings: any create_model option of config.model (width_mult, dropout_rate,
+    # attention_kwargs, stage_repeats, depthwise_impl, ...); --config.model_kwargs.KEY=VALUE
+    # sets any of them, listed here or not.
+    config.model_kwargs = ml_collections.ConfigDict({"width_mult": 0.35, "dropout_rate": 0.1, "depthwise_impl": "auto"})
     config.dtype = "float32"  # computation dtype: 'float32' or 'bfloat16' (state stays float32)
     config.param_dtype = "float32"  # parameters and optimizer state
 

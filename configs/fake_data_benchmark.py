@@ -14,7 +14,7 @@ from configs import default
 def get_config() -> ml_collections.ConfigDict:
     config = default.get_config()
     config.model = "mobilenetv2_ca"
-    config.width_mult = 1.0
+    config.model_kwargs.width_mult = 1.0
     config.dataset = "fake"
     config.image_size = 224
     config.batch_size = 32

@@ -22,7 +22,7 @@ def get_config(variant: str = "ca") -> ml_collections.ConfigDict:
         raise ValueError(f"Unknown variant {variant!r}; choose one of {sorted(VARIANTS)}.")
     config = default.get_config()
     config.model = VARIANTS[variant]
-    config.width_mult = 1.0
+    config.model_kwargs.width_mult = 1.0
     config.dataset = "imagenet2012"
     config.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS dir with prepared imagenet2012, local or gs://
     config.image_size = 224

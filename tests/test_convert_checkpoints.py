@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 
+from typing import Any, ClassVar, Mapping, Sequence
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from ca_flax import checkpoints
 from ca_flax.checkpoints import (
@@ -19,7 +23,7 @@ from ca_flax.checkpoints import (
     restore,
     save_model,
 )
-from ca_flax.models import MobileNetV2, create_model
+from ca_flax.models import MobileNetV2, create_model, registry
 
 
 def _random_variables(model: MobileNetV2, seed: int = 0) -> dict:
@@ -101,6 +105,42 @@ def test_variables_must_match_the_model(tmp_path, model, variables):
 def test_callable_activation_is_refused(model):
     with pytest.raises(CheckpointError, match="activation is a callable"):
         model_config(model.clone(activation=jax.nn.relu))
+
+
+def test_the_recorded_fields_are_the_module_fields_but_runtime_ones():
+    """In the order and with the names model.json has always had for MobileNetV2."""
+    assert checkpoints.config_fields(MobileNetV2) == (
+        "num_classes", "width_mult", "stage_repeats", "stem_channels", "head_channels", "attention",
+        "attention_kwargs", "dropout_rate", "activation", "in_channels", "bn_momentum", "bn_epsilon",
+    )
+
+
+class TinyNet(nn.Module):
+    """A stand-in for another registered family."""
+
+    num_classes: int = 10
+    features: Sequence[int] = (4,)
+    norm: Mapping[str, Any] | None = None
+    dtype: Any = None
+    runtime_fields: ClassVar[tuple[str, ...]] = ("dtype",)
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = jnp.mean(x, axis=(1, 2))
+        for width in self.features:
+            x = nn.Dense(width, dtype=self.dtype)(x)
+        return nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(x)
+
+
+def test_any_registered_family_saves_and_loads(tmp_path, monkeypatch):
+    monkeypatch.setitem(registry._REGISTRY, "tinynet", (TinyNet, {}, "a test family"))
+    model = create_model("tinynet", num_classes=3, features=(5, 6), norm={"eps": 1e-3}, dtype=jnp.float32)
+    assert model_config(model) == {"num_classes": 3, "features": [5, 6], "norm": {"eps": 1e-3}}
+    path = save_model(tmp_path / "ckpt", model, _random_variables(model))
+    assert json.loads((path / "model.json").read_text())["architecture"] == "TinyNet"
+    loaded, variables = load_model(path)
+    assert loaded == model.clone(dtype=None)  # a runtime field is not recorded
+    _assert_same(variables, _random_variables(model))
 
 
 def test_bad_configs():

@@ -282,3 +282,19 @@ def test_to_torch_writes_the_batch_counter():
     sd = to_torch(model, variables, "timm", num_batches_tracked=1234)
     assert sd["bn1.num_batches_tracked"].dtype == np.int64 and sd["bn1.num_batches_tracked"].shape == ()
     assert int(sd["bn2.num_batches_tracked"]) == 1234
+
+
+def test_every_layout_belongs_to_one_registered_family():
+    """from_torch and to_torch dispatch through the family table (ca_flax/convert/layouts.py)."""
+    import dataclasses
+
+    from ca_flax.convert import FAMILIES, LAYOUTS, register_family
+    from ca_flax.convert.layouts import family_of_layout
+
+    assert list(FAMILIES) == ["mobilenetv2"]
+    assert {name: family_of_layout(layout).name for name, layout in LAYOUTS.items()} == {
+        "official": "mobilenetv2", "torchvision": "mobilenetv2", "timm": "mobilenetv2"}
+    assert FAMILIES["mobilenetv2"].architecture is MobileNetV2
+    with pytest.raises(ValueError, match=r"Layout name\(s\) \['timm'\] of family 'other' are taken"):
+        register_family(dataclasses.replace(FAMILIES["mobilenetv2"], name="other", layouts=(LAYOUTS["timm"],)))
+    assert list(FAMILIES) == ["mobilenetv2"]  # a refused family leaves the table as it was

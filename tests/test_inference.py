@@ -137,3 +137,12 @@ def test_a_device_count_the_user_set_is_kept():
     with pytest.raises(ValueError, match="at least one device"):
         from ca_flax.inference import use_cpu_device_per_core
         use_cpu_device_per_core(0)
+
+
+def test_inference_does_not_import_training():
+    """Serving a model needs no trainer (nor its optimizer, data pipeline or TensorFlow)."""
+    code = "import sys, ca_flax.inference; print(sorted(m for m in sys.modules if m.startswith('ca_flax.training')))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"

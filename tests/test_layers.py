@@ -17,7 +17,7 @@ from ca_flax.layers import BatchNorm, DepthwiseConv, PointwiseConv
 from ca_flax.layers.activations import hard_swish, relu6
 from ca_flax.layers import ConvBNAct
 from ca_flax.layers.conv import Conv, conv2d, extract_patches, pointwise_matmul, resolve_full_conv_impl
-from ca_flax.layers.norm import batch_moments, batch_norm_train
+from ca_flax.layers.norm import batch_norm_train
 
 
 
@@ -130,28 +130,6 @@ def test_batch_norm_float32_gradients_with_a_large_mean():
     for got, want in zip(grads(jnp.float32), grads(jnp.float64)):
         got, want = np.asarray(got, np.float64), np.asarray(want)
         assert np.abs(got - want).max() <= 5e-5 * np.abs(want).max()
-
-
-def test_batch_moments_gradient_and_dtype():
-    gen = np.random.default_rng(1)
-    x = jnp.asarray(gen.standard_normal((3, 4, 4, 5)))
-    mean, var = batch_moments(x, (0, 1, 2))
-    np.testing.assert_allclose(var, np.var(np.asarray(x), axis=(0, 1, 2)), rtol=1e-13)
-
-    def loss(fn, x):
-        m, v = fn(x)
-        return jnp.sum(jnp.sin(m) + v * jnp.arange(5.0))
-
-    plain = lambda x: (jnp.mean(x, (0, 1, 2)), jnp.var(x, (0, 1, 2)))
-    np.testing.assert_allclose(jax.grad(lambda x: loss(lambda y: batch_moments(y, (0, 1, 2)), x))(x),
-                               jax.grad(lambda x: loss(plain, x))(x), rtol=1e-10, atol=1e-13)
-    # bfloat16 in: statistics in float32, gradient back in bfloat16.
-    xb = x.astype(jnp.bfloat16)
-    mb, vb = batch_moments(xb, (0, 1, 2))
-    assert mb.dtype == vb.dtype == jnp.float32
-    assert jax.grad(lambda x: jnp.sum(batch_moments(x, (0, 1, 2))[1]))(xb).dtype == jnp.bfloat16
-    with pytest.raises(ValueError, match="every axis but the channel axis"):
-        batch_moments(x, (0, 1))
 
 
 def test_batch_norm_running_statistics_unchanged_by_the_fused_path():

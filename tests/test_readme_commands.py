@@ -32,8 +32,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarni
 REPO = Path(__file__).resolve().parents[1]
 # Small enough to compile in seconds; the same model for every 10-class dataset, so the
 # runs after the first load it from the shared compilation cache.
-TINY = ["--config.num_train_steps=2", "--config.width_mult=0.25", "--config.image_size=32",
-        "--config.batch_size=8", "--config.eval_batch_size=8", "--config.model_overrides.stage_repeats=1,1,1,1,1,1,1"]
+TINY = ["--config.num_train_steps=2", "--config.model_kwargs.width_mult=0.25", "--config.image_size=32",
+        "--config.batch_size=8", "--config.eval_batch_size=8", "--config.model_kwargs.stage_repeats=1,1,1,1,1,1,1"]
 
 
 def readme_commands() -> list[str]:

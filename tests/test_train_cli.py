@@ -79,11 +79,11 @@ def test_data_dir_tuples_booleans_and_new_model_options(monkeypatch):
         assert parse(*args).config.augment.area_range == (0.5, 1.0)
     assert parse("--config.augment.flip").config.augment.flip is True
     assert parse("--config=configs/imagenet_mbv2_ca.py", "--noconfig.augment.flip").config.augment.flip is False
-    config = parse("--config.model_overrides.stage_repeats=1,1,2,3,2,2,1",
-                   "--config.model_overrides.attention_kwargs={'reduction': 8}").config
-    assert config.model_overrides.stage_repeats == (1, 1, 2, 3, 2, 2, 1)
-    assert dict(config.model_overrides.attention_kwargs) == {"reduction": 8}
-    assert config.model_overrides.dropout_rate == 0.1  # the config's keys stay
+    config = parse("--config.model_kwargs.stage_repeats=1,1,2,3,2,2,1",
+                   "--config.model_kwargs.attention_kwargs={'reduction': 8}").config
+    assert config.model_kwargs.stage_repeats == (1, 1, 2, 3, 2, 2, 1)
+    assert dict(config.model_kwargs.attention_kwargs) == {"reduction": 8}
+    assert config.model_kwargs.dropout_rate == 0.1  # the config's keys stay
     with pytest.raises(AttributeError):
         config.new_field = 1  # locked after parsing, as lock_config=True did
 
@@ -100,7 +100,12 @@ def test_default_workdir_is_named_after_the_config(monkeypatch):
         (["--config.learning_rat=0.1"],
          "--config.learning_rat: no such config field (did you mean --config.learning_rate?)"),
         (["--config.augmnt.flip=false"], "--config.augmnt.flip: no such config field (did you mean --config.augment.flip?)"),
-        (["--config.model_overrides.a.b=1"], "--config.model_overrides.a.b: no such config field"),
+        (["--config.model_kwargs.a.b=1"], "--config.model_kwargs.a.b: no such config field"),
+        # The flags of before issue #16.
+        (["--config.width_mult=0.5"], "--config.width_mult=0.5 was moved: write --config.model_kwargs.width_mult=0.5 "
+                                      "instead"),
+        (["--config.model_overrides.stage_repeats=1,1,1,1,1,1,1"],
+         "was moved: write --config.model_kwargs.stage_repeats=1,1,1,1,1,1,1 instead"),
         (["--config=configs/nope.py"], "--config=configs/nope.py: no such config file"),
         (["--config=configs/imagenet_mbv2_ca.py:xyz"], "--config=configs/imagenet_mbv2_ca.py:xyz: Unknown variant 'xyz'"),
         (["--config.num_epochs=0.5"], "flag --config.num_epochs=0.5: invalid literal for int()"),
@@ -120,9 +125,9 @@ def test_flag_errors_are_one_line_and_exit_2(args, message, capsys, monkeypatch)
 
 def test_flagfile_overrides_are_checked_too(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
-    (tmp_path / "good.flags").write_text("--config.learning_rate=0.2\n--config.model_overrides.stage_repeats=1,1,1,1,1,1,1\n")
+    (tmp_path / "good.flags").write_text("--config.learning_rate=0.2\n--config.model_kwargs.stage_repeats=1,1,1,1,1,1,1\n")
     config = parse(f"--flagfile={tmp_path / 'good.flags'}").config
-    assert config.learning_rate == 0.2 and config.model_overrides.stage_repeats == (1,) * 7
+    assert config.learning_rate == 0.2 and config.model_kwargs.stage_repeats == (1,) * 7
     (tmp_path / "typo.flags").write_text("--config.learning_rat=0.2\n")
     with pytest.raises(SystemExit):
         parse(f"--flagfile={tmp_path / 'typo.flags'}")
@@ -153,27 +158,65 @@ def test_workdir_that_cannot_be_written_even_by_root():
         train.check_workdir("/sys/kernel")
 
 
-def test_model_overrides_are_model_options(monkeypatch):
+def test_model_kwargs_are_model_options(monkeypatch):
     from ca_flax.checkpoints import model_config
     from ca_flax.training.trainer import build_model
 
     monkeypatch.chdir(REPO)
-    config = parse("--config.model_overrides.stage_repeats=1,1,2,1,1,1,1",
-                   "--config.model_overrides.attention_kwargs={'reduction': 8}").config
-    train.check_model_overrides(config)
+    config = parse("--config.model_kwargs.stage_repeats=1,1,2,1,1,1,1",
+                   "--config.model_kwargs.attention_kwargs={'reduction': 8}").config
     model = build_model(config, num_classes=10)  # what the trainer builds and writes to model.json
+    assert model.width_mult == 0.35  # the config's own keys stay
     assert model_config(model)["stage_repeats"] == [1, 1, 2, 1, 1, 1, 1]
     assert model_config(model)["attention_kwargs"] == {"reduction": 8}
 
     config = train.load_config(train.DEFAULT_CONFIG)
-    config.model_overrides.stage_repeat = (1, 1, 1, 1, 1, 1, 1)
-    with pytest.raises(ValueError, match=r"model_overrides.stage_repeat: mobilenetv2_ca has no option 'stage_repeat' "
-                                         r"\(did you mean stage_repeats\?\); its options: activation, attention"):
-        train.check_model_overrides(config)
-    del config.model_overrides["stage_repeat"]
-    config.model_overrides.dtype = "bfloat16"
-    with pytest.raises(ValueError, match=r"model_overrides.dtype: set by --config.dtype"):
-        train.check_model_overrides(config)
+    config.model_kwargs.stage_repeat = (1, 1, 1, 1, 1, 1, 1)
+    with pytest.raises(ValueError, match=r"^config.model_kwargs.stage_repeat: mobilenetv2_ca has no option "
+                                         r"'stage_repeat' \(did you mean stage_repeats\?\); its options: activation, "
+                                         r"attention, .*, width_mult\.$"):
+        build_model(config, num_classes=10)
+    del config.model_kwargs["stage_repeat"]
+    config.model_kwargs.dtype = "bfloat16"
+    with pytest.raises(ValueError, match=r"config.model_kwargs.dtype: set by config.dtype, not here"):
+        build_model(config, num_classes=10)
+    del config.model_kwargs["dtype"]
+    config.model_kwargs.width_mult = -1.0
+    with pytest.raises(ValueError, match=r"config.model_kwargs=.*width_mult must be a positive finite number"):
+        build_model(config, num_classes=10)
+
+
+OLD_CONFIG = """
+import ml_collections
+from configs import default
+
+def get_config():
+    config = default.get_config()
+    del config["model_kwargs"]
+    config.width_mult = 0.5
+    config.model_overrides = ml_collections.ConfigDict({"dropout_rate": 0.2, "stage_repeats": (1, 1, 2, 1, 1, 1, 1)})
+    return config
+"""
+
+
+def test_a_config_of_before_model_kwargs_is_refused_saying_what_to_write(tmp_path, monkeypatch):
+    from ca_flax.training import trainer
+
+    monkeypatch.chdir(REPO)
+    (tmp_path / "old.py").write_text(OLD_CONFIG)
+    config = parse(f"--config={tmp_path / 'old.py'}").config  # the flags parse: it is the trainer's to refuse
+    with pytest.raises(ValueError) as error:
+        trainer.validate_config(config)
+    assert str(error.value) == (
+        "config.width_mult and config.model_overrides were moved: write config.model_kwargs.width_mult = 0.5; "
+        "config.model_kwargs.dropout_rate = 0.2; config.model_kwargs.stage_repeats = (1, 1, 2, 1, 1, 1, 1) "
+        "(command line: --config.model_kwargs.width_mult=0.5 --config.model_kwargs.dropout_rate=0.2 "
+        "--config.model_kwargs.stage_repeats=1,1,2,1,1,1,1).")
+    config.unlock()
+    del config["model_overrides"]
+    with pytest.raises(ValueError, match=r"^config.width_mult was moved: write config.model_kwargs.width_mult = 0.5 "
+                                         r"\(command line: --config.model_kwargs.width_mult=0.5\)\.$"):
+        trainer.validate_config(config)
 
 
 def run_train(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
@@ -183,12 +226,17 @@ def run_train(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
 
 def test_train_py_errors_help_and_helpfull(tmp_path):
     (tmp_path / "file").write_text("")
+    (tmp_path / "old.py").write_text(OLD_CONFIG)
     for args, message in (
         (["--config.learning_rat=0.1"], "error: --config.learning_rat: no such config field (did you mean "
                                         "--config.learning_rate?); `python train.py --help` lists them."),
         (["--config=configs/nope.py"], f"error: --config=configs/nope.py: no such config file {REPO}/configs/nope.py"),
         ([f"--workdir={tmp_path / 'file'}"], f"error: --workdir={tmp_path / 'file'} is a file, not a directory"),
         (["--workdir=/sys/ca_flax_workdir"], "error: --workdir=/sys/ca_flax_workdir is not writable"),
+        (["--config.width_mult=0.5"], "error: --config.width_mult=0.5 was moved: write "
+                                      "--config.model_kwargs.width_mult=0.5 instead"),
+        ([f"--config={tmp_path / 'old.py'}", f"--workdir={tmp_path / 'run'}"],
+         "error: config.width_mult and config.model_overrides were moved: write config.model_kwargs.width_mult = 0.5;"),
     ):
         result = run_train(*args)
         assert (result.returncode, result.stdout) == (2, ""), result.stderr
@@ -198,7 +246,7 @@ def test_train_py_errors_help_and_helpfull(tmp_path):
     assert "config fields of configs/imagenet_mbv2_ca.py:se (overrides applied)" in result.stdout
     for line in ("--workdir: Checkpoints", "  --config.data_dir=/data/tfds\n", "  --config.model=mobilenetv2_se\n",
                  "  --config.augment.area_range=0.08,1.0\n", "  --config.augment.flip=true\n",
-                 "  --config.model_overrides.dropout_rate=0.1\n", "  --config.model_overrides.KEY=VALUE"):
+                 "  --config.model_kwargs.dropout_rate=0.1\n", "  --config.model_kwargs.KEY=VALUE"):
         assert line in result.stdout
     full = run_train("--helpfull")
     assert full.returncode == 0 and "absl.logging:" in full.stdout and "  --config.data_dir=\n" in full.stdout

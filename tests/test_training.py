@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 X64 = {"JAX_ENABLE_X64": "1"}
 TINY = [
     "--config.dtype=float64", "--config.param_dtype=float64",
-    "--config.width_mult=0.25", "--config.image_size=64", "--config.batch_size=16", "--config.eval_batch_size=64",
+    "--config.model_kwargs.width_mult=0.25", "--config.image_size=64", "--config.batch_size=16", "--config.eval_batch_size=64",
     "--config.num_train_steps=8", "--config.log_every_steps=2", "--config.eval_every_steps=4",
     "--config.checkpoint_every_steps=2", "--config.keep_checkpoints=2", "--config.learning_rate=0.1",
 ]
@@ -168,6 +168,10 @@ def test_batch_divisibility_and_distributed_flag_errors(monkeypatch):
         (dict(init_from="/no/such/checkpoint"), "no such checkpoint"),
         (dict(steps_per_call=3), r"steps_per_call=3 must divide log_every_steps \(50\), eval_every_steps \(200\)"),
         (dict(steps_per_call=-1), "steps_per_call must be 0 \\(automatic\\) or positive"),
+        (dict(model_kwargs={"widht_mult": 0.5}), r"config.model_kwargs.widht_mult: mobilenetv2_ca has no option "
+                                                 r"'widht_mult' \(did you mean width_mult\?\)"),
+        (dict(width_mult=0.5), r"config.width_mult was moved: write config.model_kwargs.width_mult = 0.5 "
+                               r"\(command line: --config.model_kwargs.width_mult=0.5\)"),
     ],
 )
 def test_invalid_configs_fail_before_compiling(overrides, message, tmp_path, monkeypatch):
@@ -197,7 +201,6 @@ def test_invalid_configs_fail_before_compiling(overrides, message, tmp_path, mon
     ("image_size", 0, "a positive integer"),
     ("log_every_steps", 0, "a positive integer"),
     ("steps_per_call", -1, r"0 \(automatic\) or positive"),
-    ("width_mult", 0.0, "a number > 0"),
     ("seed", 1.5, r"an integer in \[-2\*\*63, 2\*\*63\)"),
     ("nesterov", "yes", "True or False"),
     ("async_checkpoints", 1, "True or False"),
@@ -490,7 +493,8 @@ def test_bfloat16_computes_in_bf16_and_keeps_parameters_statistics_and_optimizer
     from ca_flax.training.steps import train_step
     from ca_flax.training.trainer import build_model
 
-    config = _config(dtype="bfloat16", width_mult=0.25, model="mobilenetv2_ca", warmup_epochs=0.0)
+    config = _config(dtype="bfloat16", model="mobilenetv2_ca", warmup_epochs=0.0)
+    config.model_kwargs.width_mult = 0.25
     model = build_model(config, num_classes=10)
     variables = numpy_variables(model, (1, 32, 32, 3))
     tx = create_optimizer(config, learning_rate_schedule(config, 10, 10))
@@ -547,8 +551,12 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
     float64 checkpoints restore cast)."""
     config = _config()
     for flag in TINY:
-        name, value = flag[len("--config."):].split("=")
-        config[name] = type(config[name])(value)
+        path, value = flag[len("--config."):].split("=")
+        *parents, name = path.split(".")
+        field = config
+        for parent in parents:
+            field = field[parent]
+        field[name] = type(field[name])(value)
     config.update(dtype="float32", param_dtype="float32", **overrides)
     return config
 
@@ -561,13 +569,13 @@ def test_a_rerun_with_another_model_is_refused_and_changes_nothing(baseline_copy
     """It used to write model.json first, and Orbax then refused with a 1,158-line tree
     diff suggesting strict=False; the workdir then restored into the wrong model."""
     before = workdir_files(baseline_copy)
-    result = run_train(baseline_copy, "--config.width_mult=0.5", "--config.model=mobilenetv2_se", cache=cache,
+    result = run_train(baseline_copy, "--config.model_kwargs.width_mult=0.5", "--config.model=mobilenetv2_se", cache=cache,
                        check=False, timeout=120)
     assert result.returncode == 2, result.stderr[-3000:]
     message = error_line(result)
     for part in (f"{baseline_copy} holds checkpoints of another model than this run's",
                  'attention "ca" there, "se" in this run', "width_mult 0.25 there, 0.5 in this run",
-                 "another --workdir", "--config.model=mobilenetv2_ca --config.width_mult=0.25"):
+                 "another --workdir", "--config.model=mobilenetv2_ca --config.model_kwargs.width_mult=0.25"):
         assert part in message, message
     assert "strict" not in result.stderr and "partial_restore" not in result.stderr
     assert workdir_files(baseline_copy) == before

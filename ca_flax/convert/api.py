@@ -1,4 +1,5 @@
-"""``from_torch`` and ``to_torch``: PyTorch MobileNetV2 weights to ca-flax and back."""
+"""``from_torch`` and ``to_torch``: PyTorch weights to ca-flax and back, for every
+registered family (``ca_flax/convert/layouts.py``; MobileNetV2 is ``mobilenetv2.py``)."""
 
 from __future__ import annotations
 
@@ -12,23 +13,20 @@ import numpy as np
 
 from ca_flax.checkpoints import CheckpointError, abstract_variables, variables_mismatch
 from ca_flax.convert.errors import ConversionError
-from ca_flax.convert.infer import infer_config
 from ca_flax.convert.io import Source, load_state_dict
 from ca_flax.convert.layouts import (
-    Layout,
     ModuleMap,
     TensorMap,
     apply_aliases,
     detect_layout,
+    family_of_layout,
     get_layout,
-    module_map,
     tensor_map,
     to_flax,
     to_torch_array,
     torch_shape,
 )
 from ca_flax.layers.conv import dense_kernel_init
-from ca_flax.models import MobileNetV2
 
 # How many offending keys or modules an error message lists before "and N more".
 _LIST_LIMIT = 8
@@ -40,13 +38,14 @@ class ConversionReport:
 
     Attributes:
       source: the file path, or 'in-memory state dict'.
-      layout: 'official', 'torchvision' or 'timm'.
-      config: the inferred ``MobileNetV2`` configuration (as built).
+      layout: the layout read: 'official', 'torchvision' or 'timm' for MobileNetV2.
+      config: the inferred module configuration (as built).
       mapped: ``(torch key, ca-flax variable path)`` of every converted tensor.
       ignored: ``(torch key, reason)`` of every tensor left out.
       notes: everything else worth knowing (wrappers, prefixes, upcasts, new head).
       num_batches_tracked: the BatchNorm batch counter of the file (largest value), so an
         export can write it back (:func:`to_torch`'s ``num_batches_tracked``).
+      architecture: the ca-flax module class built, by name.
     """
 
     source: str
@@ -56,12 +55,13 @@ class ConversionReport:
     ignored: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     num_batches_tracked: int = 0
+    architecture: str = "MobileNetV2"
 
     def summary(self) -> str:
         """A few human-readable lines."""
         config = ", ".join(f"{k}={v!r}" for k, v in self.config.items() if v is not None)
         lines = [
-            f"{self.source}: {self.layout} layout -> MobileNetV2({config})",
+            f"{self.source}: {self.layout} layout -> {self.architecture}({config})",
             f"  mapped {len(self.mapped)} tensors; ignored {len(self.ignored)}",
         ]
         reasons: dict[str, int] = defaultdict(int)
@@ -93,8 +93,9 @@ def from_torch(
     num_classes: int | None = None,
     strict: bool = True,
     use_ema: bool = True,
-) -> tuple[MobileNetV2, dict[str, Any], ConversionReport]:
-    """Converts PyTorch MobileNetV2 weights into a ca-flax model and its variables.
+) -> tuple[Any, dict[str, Any], ConversionReport]:
+    """Converts PyTorch weights of a registered family (MobileNetV2) into a ca-flax model
+    and its variables.
 
     Args:
       source: a checkpoint path (``.pth``, ``.pt``, ``.bin``, ``.pth.tar``, ``.safetensors``, ``.npz``)
@@ -111,8 +112,8 @@ def from_torch(
       use_ema: take the EMA weights when a checkpoint holds both.
 
     Returns:
-      ``(model, variables, report)``: the ``MobileNetV2`` module, its ``{'params',
-      'batch_stats'}`` and a :class:`ConversionReport`.
+      ``(model, variables, report)``: the module (a ``MobileNetV2`` for the layouts above),
+      its ``{'params', 'batch_stats'}`` and a :class:`ConversionReport`.
 
     Raises:
       ConversionError: bad or unsupported input; the message names the file and the problem.
@@ -120,31 +121,39 @@ def from_torch(
     loaded = load_state_dict(source, use_ema=use_ema)
     origin, arrays = loaded.origin, dict(loaded.arrays)
     chosen = detect_layout(list(arrays), origin) if layout == "auto" else get_layout(layout)
+    family = family_of_layout(chosen)
     notes = loaded.notes + apply_aliases(chosen, arrays)
-    config = infer_config(chosen, arrays, origin)
+    config = family.infer_config(chosen, arrays, origin)
     file_classes = config["num_classes"]
     config["num_classes"] = file_classes if num_classes is None else _check_num_classes(num_classes)
-    model = MobileNetV2(**config)
-    report = ConversionReport(origin, chosen.name, dict(config), notes=notes)
+    model = family.architecture(**config)
+    report = ConversionReport(origin, chosen.name, dict(config), notes=notes, architecture=family.architecture.__name__)
 
-    modules = module_map(chosen, model, classifier=False)
+    modules = family.module_map(chosen, model, classifier=False)
     if file_classes:
         modules.append(ModuleMap(chosen.classifier, ("classifier",), "linear"))
     model_shapes = abstract_variables(model)
     expected = {c: dict(tree) for c, tree in model_shapes.items()}
     if file_classes:  # read the file's head as it is, whatever num_classes the model gets
         expected["params"]["classifier"] = {
-            "kernel": jax.ShapeDtypeStruct((model.head_width, file_classes), jnp.float32),
+            "kernel": jax.ShapeDtypeStruct((family.classifier_inputs(model), file_classes), jnp.float32),
             "bias": jax.ShapeDtypeStruct((file_classes,), jnp.float32),
         }
     variables = _import_tensors(arrays, list(tensor_map(modules)), expected, report, strict)
-    _fit_classifier(model, variables, file_classes, chosen.classifier, report)
+    _fit_classifier(model, family.classifier_inputs(model), variables, file_classes, chosen.classifier, report)
     problems = variables_mismatch(model_shapes, variables)
     if problems:  # a bug, not bad input: the mapping covers the model by construction
         raise AssertionError(f"internal error, converted variables do not fit the model: {problems[:4]}")
     if not jax.config.jax_enable_x64 and any(a.dtype == np.float64 for a in jax.tree_util.tree_leaves(variables)):
         report.notes.append("float64 weights stored as float32 (jax's x64 mode is off).")
     return model, jax.tree_util.tree_map(jnp.asarray, variables), report
+
+
+def infer_config(layout: str | Any, arrays: Mapping[str, np.ndarray], origin: str = "in-memory state dict") -> dict[str, Any]:
+    """The module keyword arguments that reproduce the shapes of the state dict ``arrays``
+    in ``layout`` (a name or a layout), by the layout's family."""
+    chosen = get_layout(layout) if isinstance(layout, str) else layout
+    return family_of_layout(chosen).infer_config(chosen, arrays, origin)
 
 
 def _check_num_classes(num_classes: Any) -> int:
@@ -214,7 +223,7 @@ def _group(keys: Sequence[str]) -> str:
 
 def _key_problems(report: ConversionReport, missing: list[str], mismatched: list[str], unexpected: list[str]) -> str:
     config = ", ".join(f"{k}={v!r}" for k, v in report.config.items() if v is not None)
-    parts = [f"{report.source}: the weights do not fit the {report.layout} layout of MobileNetV2({config})."]
+    parts = [f"{report.source}: the weights do not fit the {report.layout} layout of {report.architecture}({config})."]
     if mismatched:
         more = f" and {len(mismatched) - _LIST_LIMIT} more" if len(mismatched) > _LIST_LIMIT else ""
         parts.append(f"Shape mismatch: {'; '.join(mismatched[:_LIST_LIMIT])}{more}.")
@@ -222,11 +231,11 @@ def _key_problems(report: ConversionReport, missing: list[str], mismatched: list
         parts.append(f"Missing {len(missing)} keys in: {_group(missing)}.")
     if unexpected:
         parts.append(f"Unexpected {len(unexpected)} keys in: {_group(unexpected)}.")
-    parts += _hints(missing, unexpected)
+    parts += _hints(missing, unexpected, report.architecture)
     return " ".join(parts)
 
 
-def _hints(missing: list[str], unexpected: list[str]) -> list[str]:
+def _hints(missing: list[str], unexpected: list[str], architecture: str) -> list[str]:
     hints = []
     missing_set = set(missing)
     for key in unexpected:
@@ -247,12 +256,12 @@ def _hints(missing: list[str], unexpected: list[str]) -> list[str]:
             "(CLI: --no-strict) to ignore them."
         )
     if missing and not unexpected:
-        hints.append("The file is incomplete, or from a modified MobileNetV2.")
+        hints.append(f"The file is incomplete, or from a modified {architecture}.")
     return hints
 
 
 def _fit_classifier(
-    model: MobileNetV2, variables: dict[str, Any], file_classes: int, prefix: str, report: ConversionReport
+    model: Any, features: int, variables: dict[str, Any], file_classes: int, prefix: str, report: ConversionReport
 ) -> None:
     """Keeps, drops or re-initializes the classifier for the requested number of classes."""
     target = model.num_classes
@@ -266,7 +275,7 @@ def _fit_classifier(
         report.ignored += [(f"{prefix}.{leaf}", reason) for leaf in ("weight", "bias")]
     if target:
         # The model's own init: N(0, 0.01) kernel, zero bias; fixed seed for reproducibility.
-        kernel = dense_kernel_init(jax.random.key(0), (model.head_width, target), jnp.float32)
+        kernel = dense_kernel_init(jax.random.key(0), (features, target), jnp.float32)
         params["classifier"] = {"kernel": np.asarray(kernel), "bias": np.zeros((target,), np.float32)}
         report.notes.append(
             f"classifier initialized afresh for {target} classes (N(0, 0.01) kernel, zero bias, seed 0); "
@@ -280,7 +289,7 @@ def _fit_classifier(
 
 
 def to_torch(
-    model: MobileNetV2,
+    model: Any,
     variables: Mapping[str, Any],
     layout: str,
     *,
@@ -295,7 +304,7 @@ def to_torch(
     loads it. Values are bit-identical to the ones :func:`from_torch` imported.
 
     Args:
-      model: a ``MobileNetV2`` that the layout can express: no attention for
+      model: a module of the layout's family that the layout can express; for MobileNetV2: no attention for
         ``'torchvision'``/``'timm'``, the released CA block for ``'official'``; ReLU6,
         BatchNorm epsilon 1e-5 and a classifier.
       variables: its ``{'params', 'batch_stats'}``.
@@ -304,7 +313,8 @@ def to_torch(
         :func:`from_torch` has the file's).
     """
     chosen = get_layout(layout)
-    _check_exportable(model, chosen)
+    family = family_of_layout(chosen)
+    family.check_exportable(model, chosen)
     try:
         problems = variables_mismatch(abstract_variables(model), variables)
     except (TypeError, ValueError, CheckpointError) as error:
@@ -313,27 +323,9 @@ def to_torch(
         raise ConversionError(f"The variables do not match the model: {'; '.join(problems[:_LIST_LIMIT])}.")
     counter = np.asarray(num_batches_tracked, dtype=np.int64)
     state: dict[str, np.ndarray] = {}
-    for t in tensor_map(module_map(chosen, model)):
+    for t in tensor_map(family.module_map(chosen, model)):
         if t.collection is None:
             state[t.key] = counter.copy()
         else:
             state[t.key] = to_torch_array(t.transform, np.asarray(_lookup(variables, t.collection, t.path)))
     return state
-
-
-def _check_exportable(model: Any, layout: Layout) -> None:
-    if not isinstance(model, MobileNetV2):
-        raise ConversionError(f"to_torch exports ca-flax MobileNetV2 models, got a {type(model).__name__}.")
-    reasons = []
-    if model.activation != "relu6":
-        reasons.append(f"activation {model.activation!r} (PyTorch's modules use ReLU6)")
-    if model.bn_epsilon != 1e-5:
-        reasons.append(f"bn_epsilon {model.bn_epsilon} (PyTorch's default is 1e-5)")
-    if not model.num_classes:
-        reasons.append("no classifier (num_classes=0; the PyTorch modules always have one)")
-    if model.attention == "ca" and set(model.attention_kwargs or {}) - {"reduction"}:
-        reasons.append(f"CA options {dict(model.attention_kwargs or {})} (the released block only varies the reduction)")
-    if reasons:
-        raise ConversionError(
-            f"The model cannot be expressed in the {layout.name} layout ({layout.description}): {'; '.join(reasons)}."
-        )

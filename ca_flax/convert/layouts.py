@@ -1,193 +1,30 @@
-"""The three PyTorch state-dict layouts and how their keys map onto ca-flax variables.
+"""Mapping PyTorch state dicts onto ca-flax variables, for every model family.
 
-A layout names, for each part of MobileNetV2, the PyTorch module prefix that holds its
-weights. :func:`module_map` lays a layout over a concrete :class:`MobileNetV2` and
-returns one :class:`ModuleMap` per PyTorch module, in the PyTorch registration order, so
-the exported state dict has the real module's key order. :func:`tensor_map` expands
-those into single tensors with their layout transforms.
+A *family* (:class:`Family`) is one ca-flax architecture and the PyTorch layouts of it
+the converter reads and writes: it detects nothing itself, but says how to read a
+configuration off a state dict's shapes and which PyTorch module becomes which ca-flax
+one. ``ca_flax/convert/mobilenetv2.py`` is the MobileNetV2 family; another family is one
+such module that calls :func:`register_family` (``ca_flax/convert/__init__.py`` imports
+it). :func:`from_torch` and :func:`to_torch` (``api.py``) dispatch through this table.
 
-ca-flax side (NHWC, HWIO): ``stem``, ``blocks_{i}`` (numbered flat over all stages) with
-``expand``/``depthwise``/``attention``/``project``, ``head``, ``classifier``; every conv
-unit is ``conv`` + ``bn``.
+A *layout* is any object with ``name``, ``description``, ``signature`` (keys whose joint
+presence identifies it), ``classifier`` (the final Linear's prefix) and
+``classifier_alias`` (another spelling of it, or None). :func:`tensor_map` expands a
+family's :class:`ModuleMap` list into single tensors with their layout transforms.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from typing import Iterator, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 
 from ca_flax.convert.errors import ConversionError
-from ca_flax.models import MobileNetV2
 
 ModuleKind = Literal["conv", "conv_bias", "bn", "linear"]
 Transform = Literal["conv", "linear", "none"]
-# The parts of an inverted residual, in execution (and PyTorch registration) order.
-BLOCK_PARTS = ("expand", "depthwise", "attention", "project")
 NUM_BATCHES_TRACKED = "num_batches_tracked"
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where one PyTorch code base keeps each MobileNetV2 part.
-
-    Attributes:
-      name: ``'official'``, ``'torchvision'`` or ``'timm'``.
-      description: the code base, for messages and reports.
-      signature: keys whose joint presence identifies the layout.
-      stem: (conv, bn) prefixes of the stem.
-      block: prefix of block ``index`` (1-based over all blocks), or of block ``position``
-        within stage ``stage``: a format string using either.
-      plain_block: part -> (conv, bn) prefixes inside a block without expansion (t == 1).
-      expanded_block: the same for blocks with an expand conv (t != 1).
-      attention: prefix of the CA block inside an expanded block, or None.
-      head: (conv, bn) prefixes of the last 1x1 conv; ``{index}`` is ``num_blocks + 1``.
-      classifier: prefix of the final Linear.
-      classifier_alias: another spelling of ``classifier`` some checkpoints use.
-      dropout_rate: the code base's dropout before the classifier.
-    """
-
-    name: str
-    description: str
-    signature: tuple[str, ...]
-    stem: tuple[str, str]
-    block: str
-    plain_block: Mapping[str, tuple[str, str]]
-    expanded_block: Mapping[str, tuple[str, str]]
-    attention: str | None
-    head: tuple[str, str]
-    classifier: str
-    classifier_alias: str | None
-    dropout_rate: float
-
-    @property
-    def flat_blocks(self) -> bool:
-        """Blocks numbered over the whole network (``features.{i}``), not per stage."""
-        return "{index}" in self.block
-
-    def block_prefix(self, index: int, stage: int, position: int) -> str:
-        return self.block.format(index=index + 1, stage=stage, position=position)
-
-    def head_prefixes(self, num_blocks: int) -> tuple[str, str]:
-        return tuple(p.format(index=num_blocks + 1) for p in self.head)  # type: ignore[return-value]
-
-    def block_regex(self) -> re.Pattern[str]:
-        """Matches a key inside a block and captures its index or (stage, position)."""
-        pattern = re.escape(self.block).replace(r"\{index\}", r"(\d+)")
-        pattern = pattern.replace(r"\{stage\}", r"(\d+)").replace(r"\{position\}", r"(\d+)")
-        # Official/torchvision blocks are features.{i}.conv.*; the stem and torchvision's
-        # head are features.{i}.{0,1}.*, so require the block's inner 'conv.' container.
-        inner = r"conv\." if self.flat_blocks else ""
-        return re.compile(rf"^{pattern}\.{inner}")
-
-
-OFFICIAL = Layout(
-    name="official",
-    description="the authors' MobileNetV2 + Coordinate Attention (houqb/CoordAttention, mbv2_ca.py)",
-    signature=("features.0.0.weight", "features.1.conv.0.weight", "conv.0.weight"),
-    stem=("features.0.0", "features.0.1"),
-    block="features.{index}",
-    plain_block={"depthwise": ("conv.0", "conv.1"), "project": ("conv.3", "conv.4")},
-    expanded_block={"expand": ("conv.0", "conv.1"), "depthwise": ("conv.3", "conv.4"), "project": ("conv.7", "conv.8")},
-    attention="conv.6",
-    head=("conv.0", "conv.1"),
-    classifier="classifier.1",
-    classifier_alias="classifier",
-    dropout_rate=0.1,
-)
-TORCHVISION = Layout(
-    name="torchvision",
-    description="torchvision.models.mobilenet_v2",
-    signature=("features.0.0.weight", "features.1.conv.0.0.weight"),
-    stem=("features.0.0", "features.0.1"),
-    block="features.{index}",
-    plain_block={"depthwise": ("conv.0.0", "conv.0.1"), "project": ("conv.1", "conv.2")},
-    expanded_block={"expand": ("conv.0.0", "conv.0.1"), "depthwise": ("conv.1.0", "conv.1.1"), "project": ("conv.2", "conv.3")},
-    attention=None,
-    head=("features.{index}.0", "features.{index}.1"),
-    classifier="classifier.1",
-    classifier_alias="classifier",
-    dropout_rate=0.2,
-)
-TIMM = Layout(
-    name="timm",
-    description="timm's mobilenetv2_* (EfficientNet builder)",
-    signature=("conv_stem.weight", "blocks.0.0.conv_dw.weight", "conv_head.weight"),
-    stem=("conv_stem", "bn1"),
-    block="blocks.{stage}.{position}",
-    plain_block={"depthwise": ("conv_dw", "bn1"), "project": ("conv_pw", "bn2")},
-    expanded_block={"expand": ("conv_pw", "bn1"), "depthwise": ("conv_dw", "bn2"), "project": ("conv_pwl", "bn3")},
-    attention=None,
-    head=("conv_head", "bn2"),
-    classifier="classifier",
-    classifier_alias=None,
-    dropout_rate=0.0,
-)
-LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (OFFICIAL, TORCHVISION, TIMM)}
-
-# Official CA block: torch submodule -> (ca-flax submodule, kind).
-_CA_PARTS: tuple[tuple[str, str, ModuleKind], ...] = (
-    ("conv1", "reduce", "conv_bias"),
-    ("bn1", "bn", "bn"),
-    ("conv2", "gate_h", "conv_bias"),
-    ("conv3", "gate_w", "conv_bias"),
-)
-
-
-def get_layout(name: str) -> Layout:
-    """The layout called ``name``, or a ConversionError listing the known ones."""
-    try:
-        return LAYOUTS[name]
-    except (KeyError, TypeError):
-        raise ConversionError(f"Unknown layout {name!r}; choose 'auto' or one of {', '.join(LAYOUTS)}.") from None
-
-
-def detect_layout(keys: Sequence[str], origin: str) -> Layout:
-    """The layout whose signature keys are all present in ``keys``."""
-    present = set(keys)
-    found = [layout for layout in LAYOUTS.values() if all(k in present for k in layout.signature)]
-    if len(found) == 1:
-        return found[0]
-    looked_for = "; ".join(f"{layout.name}: {', '.join(layout.signature)}" for layout in LAYOUTS.values())
-    first = list(keys)[:8]
-    hint = _foreign_prefix_hint(keys)
-    raise ConversionError(
-        f"{origin}: unknown state-dict layout: not the authors' MobileNetV2+CA, torchvision's or timm's "
-        f"MobileNetV2. Looked for the signature keys {looked_for}. The first keys found are "
-        f"{', '.join(map(repr, first))}{' ...' if len(keys) > len(first) else ''} ({len(keys)} in all).{hint}"
-    )
-
-
-def _foreign_prefix_hint(keys: Sequence[str]) -> str:
-    """A hint when every key sits under one unknown prefix (e.g. a detector's 'backbone.')."""
-    heads = {k.split(".", 1)[0] for k in keys}
-    if len(keys) > 1 and len(heads) == 1 and all("." in k for k in keys):
-        prefix = next(iter(heads)) + "."
-        return (
-            f" Every key starts with {prefix!r}: if this is a larger model around a MobileNetV2, pass the "
-            f"sub-dict {{k[len({prefix!r}):]: v for k, v in sd.items() if k.startswith({prefix!r})}}."
-        )
-    return ""
-
-
-def apply_aliases(layout: Layout, arrays: dict[str, np.ndarray]) -> list[str]:
-    """Renames ``classifier.weight`` to ``classifier.1.weight`` (and the bias) where the
-    layout expects the latter; returns notes on what was renamed."""
-    alias = layout.classifier_alias
-    if alias is None:
-        return []
-    notes = []
-    for leaf in ("weight", "bias"):
-        old, new = f"{alias}.{leaf}", f"{layout.classifier}.{leaf}"
-        if old in arrays and new not in arrays:
-            arrays[new] = arrays.pop(old)
-            notes.append(f"read {old!r} as {new!r} (the head saved without its Dropout container).")
-    return notes
-
-
-# -- mapping ---------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -212,41 +49,111 @@ class TensorMap:
     module: ModuleMap
 
 
-def module_map(layout: Layout, model: MobileNetV2, *, classifier: bool = True) -> list[ModuleMap]:
-    """Every PyTorch module of ``layout`` for ``model``, in registration order."""
-    if layout.attention is None and model.attention is not None:
-        raise ConversionError(
-            f"The {layout.name} layout has no attention blocks, but the model has attention={model.attention!r}; "
-            f"use the 'official' layout for 'ca' models."
+@dataclass(frozen=True)
+class Family:
+    """One ca-flax architecture and its PyTorch layouts.
+
+    Attributes:
+      name: the family, e.g. ``'mobilenetv2'``.
+      architecture: the ca-flax module class, built as ``architecture(**infer_config(...))``.
+      description: its PyTorch code bases in words, for the error on an unknown layout.
+      layouts: the layouts it reads and writes (names unique over all families).
+      infer_config: ``(layout, arrays, origin) -> module kwargs`` from the tensor shapes;
+        ``num_classes`` 0 when the state dict has no classifier.
+      module_map: ``(layout, model, *, classifier=True) -> [ModuleMap]``, every PyTorch
+        module of the layout for ``model`` in registration order.
+      check_exportable: ``(model, layout)``; raises ConversionError when ``to_torch``
+        cannot express ``model`` in ``layout``.
+      classifier_inputs: ``model -> int``, the classifier's input features.
+    """
+
+    name: str
+    architecture: type
+    description: str
+    layouts: tuple[Any, ...]
+    infer_config: Callable[[Any, Mapping[str, np.ndarray], str], dict[str, Any]]
+    module_map: Callable[..., list[ModuleMap]]
+    check_exportable: Callable[[Any, Any], None]
+    classifier_inputs: Callable[[Any], int]
+
+
+FAMILIES: dict[str, Family] = {}
+# Every registered family's layouts by name (what ``layout=`` and the CLI's --layout take).
+LAYOUTS: dict[str, Any] = {}
+_FAMILY_OF_LAYOUT: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> None:
+    """Adds ``family`` and its layouts to the converter's table."""
+    if family.name in FAMILIES:
+        raise ValueError(f"Family {family.name!r} is already registered.")
+    taken = [layout.name for layout in family.layouts if layout.name in LAYOUTS]
+    if taken:
+        raise ValueError(f"Layout name(s) {taken} of family {family.name!r} are taken by another family.")
+    FAMILIES[family.name] = family
+    for layout in family.layouts:
+        LAYOUTS[layout.name] = layout
+        _FAMILY_OF_LAYOUT[layout.name] = family
+
+
+def family_of_layout(layout: Any) -> Family:
+    """The family a registered layout belongs to."""
+    return _FAMILY_OF_LAYOUT[layout.name]
+
+
+def get_layout(name: str) -> Any:
+    """The layout called ``name``, or a ConversionError listing the known ones."""
+    try:
+        return LAYOUTS[name]
+    except (KeyError, TypeError):
+        raise ConversionError(f"Unknown layout {name!r}; choose 'auto' or one of {', '.join(LAYOUTS)}.") from None
+
+
+def detect_layout(keys: Sequence[str], origin: str) -> Any:
+    """The layout whose signature keys are all present in ``keys``."""
+    present = set(keys)
+    found = [layout for layout in LAYOUTS.values() if all(k in present for k in layout.signature)]
+    if len(found) == 1:
+        return found[0]
+    looked_for = "; ".join(f"{layout.name}: {', '.join(layout.signature)}" for layout in LAYOUTS.values())
+    first = list(keys)[:8]
+    hint = _foreign_prefix_hint(keys)
+    families = "; nor ".join(family.description for family in FAMILIES.values())
+    raise ConversionError(
+        f"{origin}: unknown state-dict layout: not {families}. Looked for the signature keys {looked_for}. "
+        f"The first keys found are "
+        f"{', '.join(map(repr, first))}{' ...' if len(keys) > len(first) else ''} ({len(keys)} in all).{hint}"
+    )
+
+
+def _foreign_prefix_hint(keys: Sequence[str]) -> str:
+    """A hint when every key sits under one unknown prefix (e.g. a detector's 'backbone.')."""
+    heads = {k.split(".", 1)[0] for k in keys}
+    if len(keys) > 1 and len(heads) == 1 and all("." in k for k in keys):
+        prefix = next(iter(heads)) + "."
+        return (
+            f" Every key starts with {prefix!r}: if this is a larger model around a known network, pass the "
+            f"sub-dict {{k[len({prefix!r}):]: v for k, v in sd.items() if k.startswith({prefix!r})}}."
         )
-    if layout.attention is not None and model.attention != "ca":
-        raise ConversionError(
-            f"The {layout.name} layout is MobileNetV2 with Coordinate Attention, but the model has "
-            f"attention={model.attention!r}; export plain MobileNetV2 models as 'torchvision' or 'timm'."
-        )
-    mods = [ModuleMap(layout.stem[0], ("stem", "conv"), "conv"), ModuleMap(layout.stem[1], ("stem", "bn"), "bn")]
-    position = {}
-    specs = model.block_specs()
-    for i, (stage, _, _, expansion) in enumerate(specs):
-        position[stage] = position.get(stage, -1) + 1
-        prefix = layout.block_prefix(i, stage, position[stage])
-        parts = layout.plain_block if expansion == 1 else layout.expanded_block
-        for part in BLOCK_PARTS:
-            if part == "attention":
-                if expansion != 1 and layout.attention is not None:
-                    for torch_name, flax_name, kind in _CA_PARTS:
-                        mods.append(
-                            ModuleMap(f"{prefix}.{layout.attention}.{torch_name}", (f"blocks_{i}", "attention", flax_name), kind)
-                        )
-            elif part in parts:
-                conv, bn = parts[part]
-                mods.append(ModuleMap(f"{prefix}.{conv}", (f"blocks_{i}", part, "conv"), "conv"))
-                mods.append(ModuleMap(f"{prefix}.{bn}", (f"blocks_{i}", part, "bn"), "bn"))
-    head_conv, head_bn = layout.head_prefixes(len(specs))
-    mods += [ModuleMap(head_conv, ("head", "conv"), "conv"), ModuleMap(head_bn, ("head", "bn"), "bn")]
-    if classifier:
-        mods.append(ModuleMap(layout.classifier, ("classifier",), "linear"))
-    return mods
+    return ""
+
+
+def apply_aliases(layout: Layout, arrays: dict[str, np.ndarray]) -> list[str]:
+    """Renames ``classifier.weight`` to ``classifier.1.weight`` (and the bias) where the
+    layout expects the latter; returns notes on what was renamed."""
+    alias = layout.classifier_alias
+    if alias is None:
+        return []
+    notes = []
+    for leaf in ("weight", "bias"):
+        old, new = f"{alias}.{leaf}", f"{layout.classifier}.{leaf}"
+        if old in arrays and new not in arrays:
+            arrays[new] = arrays.pop(old)
+            notes.append(f"read {old!r} as {new!r} (the head saved without its Dropout container).")
+    return notes
+
+
+# -- tensors ---------------------------------------------------------------------------
 
 
 def tensor_map(modules: Sequence[ModuleMap]) -> Iterator[TensorMap]:

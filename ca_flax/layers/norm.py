@@ -52,51 +52,15 @@ def _per_channel(v: jax.Array, like: jax.Array, axis: int) -> jax.Array:
     return lax.broadcast_in_dim(v, like.shape, (axis,))
 
 
-def _channel_axis(x: jax.Array, axes: tuple[int, ...]) -> int:
-    kept = [i for i in range(x.ndim) if i not in axes]
-    if len(kept) != 1:
-        raise ValueError(f"batch_moments reduces every axis but the channel axis: axes {axes} of a rank-{x.ndim} "
-                         f"input leave {len(kept)}; pass the {x.ndim - 1} non-channel axes.")
-    return kept[0]
-
-
-def _moments_math(x, axes):
+def _moments_math(x, axis):
+    """Mean and biased variance over every axis but ``axis``, in float32 or wider."""
     xs = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    axis = _channel_axis(x, axes)
+    axes = _reduce_axes(x, axis)
     count = x.size // x.shape[axis]
     mean = lax.div(lax.reduce_sum(xs, axes), _const(count, xs))
     centred = lax.sub(xs, _per_channel(mean, xs, axis))
     var = lax.div(lax.reduce_sum(lax.mul(centred, centred), axes), _const(count, xs))
     return mean, var
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def batch_moments(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-    """Mean and biased variance over ``axes`` (all axes but one) in float32 or wider, the
-    variance in two passes as PyTorch (``E[(x - mean)^2]`` keeps digits that
-    ``E[x^2] - mean^2`` loses). The backward pass keeps ``x`` as given (a bfloat16 map
-    stays bfloat16)."""
-    return _moments_math(x, axes)
-
-
-def _moments_fwd(x, axes):
-    mean, var = _moments_math(x, axes)
-    return (mean, var), (x, mean)
-
-
-def _moments_bwd(axes, residuals, cotangents):
-    x, mean = residuals
-    axis = _channel_axis(x, axes)
-    d_mean, d_var = (_per_channel(d, x, axis) for d in cotangents)
-    x = after(x, d_var)  # the centred map below waits for the backward pass
-    count = x.size // mean.size
-    # d var / d x = 2 (x - mean) / count: the path through the mean sums to zero.
-    centred = lax.sub(x.astype(mean.dtype), _per_channel(mean, x, axis))
-    dx = lax.div(lax.add(d_mean, lax.mul(lax.mul(d_var, _const(2, d_var)), centred)), _const(count, centred))
-    return (dx.astype(x.dtype),)
-
-
-batch_moments.defvjp(_moments_fwd, _moments_bwd)
 
 
 def _rstd_and_mul(var, scale, epsilon):
@@ -133,7 +97,7 @@ def _reduce_axes(x: jax.Array, axis: int) -> tuple[int, ...]:
 
 
 def _bn_train_math(x, scale, bias, axis, epsilon, dtype, activation):
-    mean, var = _moments_math(x, _reduce_axes(x, axis))
+    mean, var = _moments_math(x, axis)
     return _normalize_math(x, mean, var, scale, bias, axis, epsilon, dtype, activation), mean, var
 
 
@@ -145,7 +109,8 @@ def batch_norm_train(
     """BatchNorm with batch statistics: ``(activation(normalized x), mean, var)``.
 
     Mean and biased variance over every axis but ``axis`` (non-negative), in float32 or
-    wider and in two passes, as :func:`batch_moments`; the output is ``dtype``. The
+    wider and in two passes as PyTorch (``E[(x - mean)^2]`` keeps digits that
+    ``E[x^2] - mean^2`` loses); the output is ``dtype``. The
     backward pass keeps only ``x``, the statistics and the parameters (see the module
     docstring); cotangents of ``mean`` and ``var`` are honoured, and skipped when absent.
     """

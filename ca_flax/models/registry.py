@@ -7,7 +7,9 @@ the caller's overrides on top and builds the module. No import-time magic beyond
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import inspect
 from typing import Any, Callable
 
 from flax import linen as nn
@@ -32,6 +34,30 @@ def list_models(pattern: str | None = None) -> list[str]:
 def model_defaults(name: str) -> dict[str, Any]:
     """The settings ``name`` is built with when no override is given."""
     return dict(_lookup(name)[1])
+
+
+def model_options(name: str) -> list[str]:
+    """Sorted names of the settings ``create_model(name, ...)`` takes: the module's fields
+    (but ``parent`` and ``name``), or the factory function's keyword parameters."""
+    factory = _lookup(name)[0]
+    if isinstance(factory, type) and dataclasses.is_dataclass(factory):
+        return sorted(f.name for f in dataclasses.fields(factory) if f.init and f.name not in ("parent", "name"))
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return sorted(p.name for p in inspect.signature(factory).parameters.values() if p.kind in kinds)
+
+
+def architectures() -> dict[str, type[nn.Module]]:
+    """``{class name: class}`` of every registered factory that is a Module class: the
+    architectures a checkpoint's ``"architecture"`` field can name."""
+    found: dict[str, type[nn.Module]] = {}
+    for name, (factory, _, _) in _REGISTRY.items():
+        if not (isinstance(factory, type) and issubclass(factory, nn.Module)):
+            continue
+        other = found.setdefault(factory.__name__, factory)
+        if other is not factory:  # checkpoints name the class: two of one name would be ambiguous
+            raise ValueError(f"Model {name!r} registers a second class named {factory.__name__!r} "
+                             f"({factory.__module__} and {other.__module__}); rename one.")
+    return found
 
 
 def describe_model(name: str) -> str:

@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
 from ca_flax.checkpoints import (
-    METADATA_FILE, CheckpointMismatchError, flat_mismatch, read_newest_intact, summarize,
+    METADATA_FILE, CheckpointMismatchError, read_newest_intact, summarize, variables_mismatch,
 )
 from ca_flax.training.state import TrainState
 from ca_flax.training.workdir import describe, differences
@@ -120,7 +120,7 @@ class CheckpointManager:
         if stored is None:
             return
         flat = lambda tree: ocp.tree.to_flat_dict(tree, sep="/")  # noqa: E731 - Orbax's own path names
-        problems = flat_mismatch(flat(abstract), flat(stored.tree))
+        problems = variables_mismatch(flat(abstract), flat(stored.tree))
         if not problems:
             return
         parts = sorted({line.split("/")[0].split(" ")[-1] for line in problems})  # params, opt_state, ...

@@ -47,7 +47,7 @@ def train_step(
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     metrics = {"loss": loss, "top1": jnp.mean(top_k_correct(logits, batch["label"], 1)),
-               "grad_norm": optax.global_norm(grads)}
+               "grad_norm": optax.tree.norm(grads)}
     return new_state, metrics
 
 

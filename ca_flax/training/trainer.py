@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import difflib
 import functools
 import gc
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -33,14 +35,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import traverse_util
 
 from ca_flax import data
 from ca_flax.data import synthetic
 from ca_flax.inference import predict_fn
-from ca_flax.checkpoints import (
-    FORMAT, METADATA_FILE, VERSION, abstract_variables, model_config, read_metadata, restore,
-)
+from ca_flax.checkpoints import METADATA_FILE, abstract_variables, model_metadata, read_metadata, restore
 from ca_flax.models import create_model
+from ca_flax.models.registry import model_options
 from ca_flax.training import parallel, workdir as workdir_guard
 from ca_flax.training.checkpointing import BEST_METRIC, CheckpointManager, remove_unfinished
 from ca_flax.training.metrics import MetricWriter, Throughput, console, format_eta
@@ -58,22 +60,74 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or Inf; the message names the step."""
 
 
+# create_model arguments the trainer sets itself, and from what.
+MODEL_ARGS_FROM_CONFIG = {"num_classes": "config.dataset (its number of classes)", "dtype": "config.dtype",
+                          "param_dtype": "config.param_dtype"}
+# Top-level fields of configs written before issue #16, now keys of config.model_kwargs.
+MOVED_TO_MODEL_KWARGS = ("width_mult", "model_overrides")
+
+
+def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """``config.model_kwargs`` as a plain dict, every key checked to be an option of
+    ``config.model``: the one place they are validated (ValueError naming the options)."""
+    kwargs = config.get("model_kwargs")
+    kwargs = kwargs.to_dict() if isinstance(kwargs, ml_collections.ConfigDict) else dict(kwargs or {})
+    options = [name for name in model_options(config.model) if name not in MODEL_ARGS_FROM_CONFIG]
+    for key in kwargs:
+        if key in MODEL_ARGS_FROM_CONFIG:
+            raise ValueError(f"config.model_kwargs.{key}: set by {MODEL_ARGS_FROM_CONFIG[key]}, not here.")
+        if key not in options:
+            close = difflib.get_close_matches(key, options, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ValueError(f"config.model_kwargs.{key}: {config.model} has no option {key!r}{hint}; "
+                             f"its options: {', '.join(options)}.")
+    return kwargs
+
+
+def check_moved_fields(config: ml_collections.ConfigDict) -> None:
+    """Refuses a config of before issue #16 (top-level ``width_mult`` or
+    ``model_overrides``), saying what to write instead."""
+    moved = [name for name in MOVED_TO_MODEL_KWARGS if name in config]
+    if not moved:
+        return
+    settings = {"width_mult": config.width_mult} if "width_mult" in config else {}
+    overrides = config.get("model_overrides")
+    settings.update(overrides.to_dict() if isinstance(overrides, ml_collections.ConfigDict) else dict(overrides or {}))
+    names = " and ".join(f"config.{name}" for name in moved)
+    if not settings:
+        raise ValueError(f"{names} {'was' if len(moved) == 1 else 'were'} moved: delete it; the model's settings "
+                         "are config.model_kwargs (command line: --config.model_kwargs.KEY=VALUE).")
+    write = "; ".join(f"config.model_kwargs.{key} = {value!r}" for key, value in settings.items())
+    flags = " ".join(f"--config.model_kwargs.{key}={_flag_value(value)}" for key, value in settings.items())
+    raise ValueError(f"{names} {'was' if len(moved) == 1 else 'were'} moved: write {write} (command line: {flags}).")
+
+
+def _flag_value(value: Any) -> str:
+    """``value`` as typed after ``--config.model_kwargs.KEY=`` in a shell."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value))
+    if isinstance(value, (int, float, str)):
+        return shlex.quote(str(value))
+    return shlex.quote(repr(value))
+
+
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> Any:
-    """The configured network (raises ValueError for an unknown name or bad option)."""
+    """``create_model(config.model, **config.model_kwargs)`` with the dataset's number of
+    classes and the config's dtypes (raises ValueError for an unknown name or bad option)."""
     param_dtype = config.get("param_dtype", "float32")
     for name, value in (("dtype", config.dtype), ("param_dtype", param_dtype)):
         if value not in DTYPES:
             raise ValueError(f"{name} must be one of {sorted(DTYPES)}, got {value!r}.")
         if value == "float64" and not jax.config.jax_enable_x64:
             raise ValueError(f"{name}='float64' needs 64-bit JAX: set JAX_ENABLE_X64=1 in the environment.")
-    overrides = dict(config.get("model_overrides", {}) or {})
+    kwargs = model_kwargs(config)
     try:
-        return create_model(
-            config.model, num_classes=num_classes, width_mult=config.width_mult, dtype=DTYPES[config.dtype],
-            param_dtype=DTYPES[param_dtype], **overrides,
-        )
-    except TypeError as error:  # an unknown model_overrides key
-        raise ValueError(f"model_overrides={overrides!r}: {error}") from None
+        return create_model(config.model, num_classes=num_classes, dtype=DTYPES[config.dtype],
+                            param_dtype=DTYPES[param_dtype], **kwargs)
+    except (TypeError, ValueError) as error:  # the module's own checks of its settings
+        raise ValueError(f"config.model_kwargs={kwargs!r}: {error}") from None
 
 
 def plan_steps(config: ml_collections.ConfigDict, num_train: int) -> tuple[int, int]:
@@ -127,11 +181,10 @@ def steps_per_call(config: ml_collections.ConfigDict, total_steps: int, start_st
 _INT, _REAL, _BOOL, _TEXT = (int,), (int, float), (bool,), (str,)
 _positive = (_INT, lambda v: v >= 1, "a positive integer")
 # The type, test and allowed values (in words) of every field of configs/default.py but
-# dtype and param_dtype (build_model checks those) and model_overrides and augment
-# (their classes check them). Fields read with config.get may be absent.
+# dtype, param_dtype and model_kwargs (build_model checks those) and augment (its class
+# checks it). Fields read with config.get may be absent.
 _FIELDS: dict[str, tuple[tuple[type, ...], Callable[[Any], bool], str]] = {
     "model": (_TEXT, bool, "a model name"),
-    "width_mult": (_REAL, lambda v: v > 0, "a number > 0"),
     "dataset": (_TEXT, bool, "a dataset name"),
     "data_dir": ((str, type(None)), lambda v: True, "a directory or None"),
     "image_size": _positive,
@@ -182,6 +235,7 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
 
 def validate_config(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
     """Every check that can fail before anything compiles: returns (dataset info, model)."""
+    check_moved_fields(config)
     check_fields(config)
     parallel.check_batch_divisible(config.batch_size)
     parallel.check_batch_divisible(config.eval_batch_size, "eval_batch_size")
@@ -210,8 +264,8 @@ def initial_variables(model: Any, config: ml_collections.ConfigDict, rng: jax.Ar
     merged = dict(fresh)
     kept, reinitialized = 0, []
     for collection in ("params", "batch_stats"):
-        flat_fresh = _flatten(fresh.get(collection, {}))
-        flat_source = _flatten(source.get(collection, {}))
+        flat_fresh = traverse_util.flatten_dict(dict(fresh.get(collection, {})), sep="/")
+        flat_source = traverse_util.flatten_dict(dict(source.get(collection, {})), sep="/")
         out = {}
         for key, value in flat_fresh.items():
             src = flat_source.get(key)
@@ -221,30 +275,16 @@ def initial_variables(model: Any, config: ml_collections.ConfigDict, rng: jax.Ar
             else:
                 out[key] = value
                 reinitialized.append(f"{collection}/{key}")
-        merged[collection] = _unflatten(out)
+        merged[collection] = traverse_util.unflatten_dict(out, sep="/")
     if any(not k.startswith(("params/classifier", "batch_stats/classifier")) for k in reinitialized):
         raise ValueError(
-            f"init_from={config.init_from!r} does not fit model {config.model!r} at width {config.width_mult}: "
-            f"{len(reinitialized)} variables differ (first: {reinitialized[:3]}). Use the same model and width."
+            f"init_from={config.init_from!r} does not fit model {config.model!r} with model_kwargs "
+            f"{model_kwargs(config)}: {len(reinitialized)} variables differ (first: {reinitialized[:3]}). Use the "
+            "same model and settings."
         )
     note = f" (classifier re-initialized: {source_model.num_classes} -> {model.num_classes} classes)" if reinitialized else ""
     console(f"Initialized {kept} variables from {config.init_from}{note}.")
     return merged
-
-
-def _flatten(tree: dict[str, Any]) -> dict[str, Any]:
-    return {"/".join(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for key, value in flat.items():
-        node = tree
-        *parents, leaf = key.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
 
 
 def _state_shapes(model: Any, tx: Any, rng: jax.Array, sharding: Any) -> TrainState:
@@ -259,11 +299,8 @@ def write_model_json(workdir: Path, model: Any, config: ml_collections.ConfigDic
     workdir loads like a converted checkpoint (``ca_flax.checkpoints.restore``)."""
     if jax.process_index() != 0:
         return
-    metadata = {
-        "format": FORMAT, "version": VERSION, "architecture": type(model).__name__, "config": model_config(model),
-        "source": {"trained_by": "ca_flax train.py", "model": config.model, "dataset": config.dataset,
-                   "image_size": config.image_size},
-    }
+    metadata = model_metadata(model, {"trained_by": "ca_flax train.py", "model": config.model,
+                                      "dataset": config.dataset, "image_size": config.image_size})
     tmp = workdir / (METADATA_FILE + ".tmp")
     tmp.write_text(json.dumps(metadata, indent=2) + "\n")
     tmp.replace(workdir / METADATA_FILE)
@@ -440,7 +477,7 @@ def _train_in_held_workdir(config: ml_collections.ConfigDict, workdir: Path, inf
         pending_losses.clear()
 
     console(
-        f"Training {config.model} (width {model.width_mult}) on {config.dataset}: {info.num_train} examples, "
+        f"Training {config.model} ({_describe_kwargs(config)}) on {config.dataset}: {info.num_train} examples, "
         f"{info.num_classes} classes, global batch {config.batch_size} over {jax.device_count()} devices in "
         f"{jax.process_count()} process(es), {total_steps} steps ({total_steps / steps_per_epoch:.1f} epochs), "
         f"{per_call} per compiled call."
@@ -519,6 +556,11 @@ def _train_in_held_workdir(config: ml_collections.ConfigDict, workdir: Path, inf
     if step >= total_steps:
         console(f"Done: {total_steps} steps in {time.perf_counter() - run_start:.0f} s; workdir {workdir.absolute()}")
     return last_eval
+
+
+def _describe_kwargs(config: ml_collections.ConfigDict) -> str:
+    """"width_mult=0.35, dropout_rate=0.1" for the console."""
+    return ", ".join(f"{key}={value}" for key, value in model_kwargs(config).items()) or "its defaults"
 
 
 def _compile(jitted: Any, *args: Any) -> tuple[Any, float]:

@@ -20,7 +20,7 @@ import socket
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from ca_flax.checkpoints import METADATA_FILE, TRAINING_DIR, model_config, read_metadata
+from ca_flax.checkpoints import METADATA_FILE, TRAINING_DIR, architecture_name, model_config, read_metadata
 
 LOCK_FILE = ".lock"
 
@@ -67,7 +67,7 @@ def check_model(workdir: Path, model: Any, config: Any) -> None:
         return
     saved = read_metadata(workdir)
     # Through JSON, as model.json holds it (tuples become lists).
-    ours = {"architecture": type(model).__name__, **json.loads(json.dumps(model_config(model)))}
+    ours = {"architecture": architecture_name(model), **json.loads(json.dumps(model_config(model)))}
     theirs = {"architecture": saved.get("architecture", "MobileNetV2"), **saved["config"]}
     changed = differences(theirs, ours)
     if not changed:
@@ -97,10 +97,8 @@ def describe(changed: Mapping[str, tuple[Any, Any]]) -> str:
 
 def _flag(field: str, value: Any, source: Mapping[str, Any]) -> str:
     """The train.py flag that sets the model field ``field`` back to ``value``."""
-    if field == "width_mult":
-        return f"--config.width_mult={value}"
     if field in ("attention", "architecture") and source.get("model"):
         return f"--config.model={source['model']}"
     if field == "num_classes" and source.get("dataset"):
         return f"--config.dataset={source['dataset']}"
-    return f"--config.model_overrides.{field}={json.dumps(value)}"
+    return f"--config.model_kwargs.{field}={json.dumps(value)}"
