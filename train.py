@@ -24,6 +24,14 @@ from typing import Any, NoReturn
 # TensorFlow (the input pipeline) logs C++ banners at import; keep the console for training.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from ca_flax._extras import MissingExtraError, require  # noqa: E402
+
+try:  # before the trainer's own imports, so a missing package is named with its extra
+    require("train.py", "train")
+except MissingExtraError as missing_extra:
+    print(f"error: {missing_extra}", file=sys.stderr)
+    sys.exit(2)
+
 import ml_collections  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

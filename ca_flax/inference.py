@@ -15,10 +15,9 @@ layer to the next. On accelerators the whole per-device batch is one call
 With one CPU device per core (:func:`use_cpu_device_per_core`, before JAX starts), each
 core runs its own images without waiting for the other between kernels. On a single CPU
 device the model itself micro-batches in eval mode (``eval_micro_batch``, see
-``models/micro_batch.py``), so a plain ``jax.jit(model.apply)`` gets most of the gain.
-Measured on this project's 2-core CPU (MobileNetV2+CA, batch 32, 224x224, float32),
-images/s: ``jax.jit(model.apply)`` 165-178, this predictor with two devices and
-micro-batches of 2 209-231 (README, Performance). Larger machines are unmeasured.
+``models/micro_batch.py``), so a plain ``jax.jit(model.apply)`` gets most of the gain;
+this predictor with a device per core gains more on a 2-core CPU (docs/performance.md).
+Larger machines are unmeasured.
 """
 
 from __future__ import annotations
@@ -40,8 +39,8 @@ from ca_flax.models.micro_batch import check_micro_batch, map_micro_batches, pad
 from ca_flax.mesh import DATA_AXIS, make_mesh
 
 # Per-device micro-batch that micro_batch='auto' picks, by backend (None: the whole
-# per-device batch in one call). CPU: 2 was fastest of 1, 2, 4, 8 and 16 with a device
-# per core on this project's machine (README, Performance).
+# per-device batch in one call). CPU: 2 was the fastest of 1, 2, 4, 8 and 16 with a
+# device per core (docs/performance.md).
 _AUTO_MICRO_BATCH = {"cpu": 2}
 
 Variables = Any

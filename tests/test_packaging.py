@@ -86,10 +86,17 @@ def test_core_modules_and_a_tiny_model_need_no_extra(blocked_run):
     assert blocked_run["leaked"] == []
 
 
-@pytest.mark.xfail(strict=True, reason="ca_flax/inference.py imports DATA_AXIS and make_mesh from "
-                   "ca_flax.training.parallel, which needs the train extra; they move to a core module (#16)")
 def test_inference_needs_no_extra(blocked_run):
     assert blocked_run["ca_flax.inference"] == "ok"
+
+
+def test_train_py_without_the_train_extra_is_a_one_line_error():
+    script = (f"import runpy, sys\nfor name in {BLOCKED!r}:\n    sys.modules[name] = None\n"
+              "sys.argv = ['train.py', '--help']\nrunpy.run_path('train.py', run_name='__main__')\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.startswith("error: train.py needs") and "pip install 'ca-flax[train]'" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 @pytest.mark.parametrize("key, user, extra, names", [
