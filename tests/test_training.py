@@ -37,11 +37,13 @@ REPO = Path(__file__).resolve().parents[1]
 # tiny batch is chaotic: float32 rounding differences between 1 and 8 devices grow to
 # percents within a few steps, and at 32x32 (1x1 maps in the last stages) even float64's
 # do. At 64x64 in float64 the losses of 1 and 8 devices were equal to all printed digits
-# for 9 steps, then 1e-8, 1e-7, 1e-4 apart at steps 10, 11, 12: so 8 steps.
+# for 9 steps, then 1e-8, 1e-7, 1e-4 apart at steps 10, 11, 12: so 8 steps. One block per
+# stage: each subprocess compiles the network, and depth is what compiling costs.
 X64 = {"JAX_ENABLE_X64": "1"}
 TINY = [
     "--config.dtype=float64", "--config.param_dtype=float64",
-    "--config.model_kwargs.width_mult=0.25", "--config.image_size=64", "--config.batch_size=16", "--config.eval_batch_size=64",
+    "--config.model_kwargs.width_mult=0.25", "--config.model_kwargs.stage_repeats=1,1,1,1,1,1,1",
+    "--config.image_size=64", "--config.batch_size=16", "--config.eval_batch_size=64",
     "--config.num_train_steps=8", "--config.log_every_steps=2", "--config.eval_every_steps=4",
     "--config.checkpoint_every_steps=2", "--config.keep_checkpoints=2", "--config.learning_rate=0.1",
 ]
@@ -556,7 +558,10 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
         field = config
         for parent in parents:
             field = field[parent]
-        field[name] = type(field[name])(value)
+        if "," in value:
+            field[name] = tuple(int(v) for v in value.split(","))
+        else:
+            field[name] = type(field[name])(value)
     config.update(dtype="float32", param_dtype="float32", **overrides)
     return config
 
