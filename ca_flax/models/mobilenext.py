@@ -124,6 +124,7 @@ class SandglassBlock(nn.Module):
       attention_position: ``'first_dw'`` (after the first depthwise conv's BN + ReLU6;
         none in blocks without one), ``'first_dw_or_expand'`` (there, else after the
         expand conv's BN + ReLU6) or ``'expand'`` (after the expand conv in every block).
+        The first block (``reduction == 2``) has none.
     """
 
     features: int
@@ -181,7 +182,9 @@ class SandglassBlock(nn.Module):
     @nn.nowrap
     def _attention_slots(self, plan: SandglassPlan) -> tuple[bool, bool]:
         """(after the first depthwise conv, after the expand conv) for this block."""
-        if self.attention is None:
+        # The first block works on the stem's narrow map (an SE block would squeeze its 32
+        # channels to one); as MobileNetV2's t == 1 block in the CA paper, it has none.
+        if self.attention is None or plan.case == "first":
             return False, False
         if self.attention_position == "first_dw":
             return plan.first_dw, False
@@ -223,7 +226,7 @@ class MobileNeXt(Backbone):
         table's one-block stride-1 stages, 144 and 1280), whatever its repeat count.
       identity_tensor_multiplier: fraction of the channels the shortcuts cover: 1 (the
         released model), 1/2, 1/3, 1/4 (the paper's ablation), any 1/k.
-      attention: ``None``, ``'se'``, ``'cbam'`` or ``'ca'``.
+      attention: ``None``, ``'se'``, ``'cbam'`` or ``'ca'``, in every block but the first.
       attention_kwargs: extra options for the attention block (e.g. ``reduction``).
       attention_position: where the attention block goes (see :class:`SandglassBlock`
         and docs/mobilenext.md); default ``'first_dw'``, the authors' placement.
