@@ -26,8 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m ca_flax.convert",
         description=(
-            "Convert MobileNetV2 weights from PyTorch (the authors' MobileNetV2+CA mbv2_ca.pth, "
-            "torchvision's mobilenet_v2, timm's mobilenetv2_*) into a ca-flax model checkpoint, "
+            "Convert MobileNetV2 and MobileNeXt weights from PyTorch (the authors' MobileNetV2+CA mbv2_ca.pth, "
+            "torchvision's mobilenet_v2, timm's mobilenetv2_*, the authors' MobileNeXt) into a ca-flax model checkpoint, "
             "or back with --to-torch. The layout and the model configuration are inferred."
         ),
     )
