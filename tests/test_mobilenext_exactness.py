@@ -144,3 +144,25 @@ def test_attention_models_do_not_export_to_the_official_layout():
     model = create_model("mobilenext_ca", width_mult=0.25, stage_repeats=(1,) * 8, num_classes=10)
     with pytest.raises(ConversionError, match="attention='ca' \\(the authors' MobileNeXt has none\\)"):
         to_torch(model, {}, "official_mnext")
+
+
+def test_command_line_round_trip_finds_the_layout(tmp_path):
+    """``python -m ca_flax.convert`` both ways; a MobileNeXt checkpoint that records no
+    layout is written in its family's only one."""
+    from ca_flax.convert.__main__ import main
+    from ca_flax.convert.io import load_state_dict
+
+    sd = tr.randomize_(tr.OfficialMobileNeXt(num_classes=4, width_mult=0.25, stage_repeats=TINY_REPEATS),
+                       seed=3, calibrate=False).state_dict()
+    torch.save(sd, tmp_path / "mnext.pth")
+    assert main(["-q", str(tmp_path / "mnext.pth"), str(tmp_path / "ckpt")]) == 0
+    meta = tmp_path / "ckpt" / "model.json"
+    text = meta.read_text()
+    assert '"layout": "official_mnext"' in text
+    meta.write_text(text.replace('"layout": "official_mnext"', '"layout": null'))
+    assert main(["-q", "--to-torch", str(tmp_path / "ckpt"), str(tmp_path / "back.npz")]) == 0
+    back = load_state_dict(tmp_path / "back.npz").arrays
+    fresh = tr.OfficialMobileNeXt(num_classes=4, width_mult=0.25, stage_repeats=TINY_REPEATS)
+    fresh.load_state_dict({k: torch.from_numpy(v) for k, v in back.items()}, strict=True)
+    for key, value in sd.items():
+        assert torch.equal(fresh.state_dict()[key], value), key
