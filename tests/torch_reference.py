@@ -134,6 +134,23 @@ def _conv_bn_relu6(inp: int, oup: int, kernel_size: int, stride: int = 1, groups
     )
 
 
+def _authors_init_(model: nn.Module) -> None:
+    """The init of the authors' MBV2_CA and MobileNeXt code: convs N(0, sqrt(2 / (k*k*out))),
+    BatchNorm weight 1 bias 0, Linear N(0, 0.01) bias 0."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            m.weight.data.normal_(0, math.sqrt(2.0 / n))
+            if m.bias is not None:
+                m.bias.data.zero_()
+        elif isinstance(m, nn.BatchNorm2d):
+            m.weight.data.fill_(1)
+            m.bias.data.zero_()
+        elif isinstance(m, nn.Linear):
+            m.weight.data.normal_(0, 0.01)
+            m.bias.data.zero_()
+
+
 def _stage_end_indices(repeats: Sequence[int]) -> List[int]:
     """Index (0-based, counting blocks only) of the last block of every stage."""
     ends, total = [], 0
@@ -274,18 +291,7 @@ class OfficialMBV2CA(nn.Module):
 
     def _initialize_weights(self) -> None:
         """The authors' init: He-normal on fan-out (k*k*out), BN 1/0, Linear N(0, 0.01)."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                m.weight.data.normal_(0, math.sqrt(2.0 / n))
-                if m.bias is not None:
-                    m.bias.data.zero_()
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.data.fill_(1)
-                m.bias.data.zero_()
-            elif isinstance(m, nn.Linear):
-                m.weight.data.normal_(0, 0.01)
-                m.bias.data.zero_()
+        _authors_init_(self)
 
     def forward_features(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Return the stem, per-stage and head feature maps (see module docstring)."""
@@ -690,18 +696,7 @@ class OfficialMobileNeXt(nn.Module):
 
     def _initialize_weights(self) -> None:
         """The official init: N(0, sqrt(2 / (k*k*out))) convs, BN 1/0, Linear N(0, 0.01)."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                m.weight.data.normal_(0, math.sqrt(2.0 / n))
-                if m.bias is not None:
-                    m.bias.data.zero_()
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.data.fill_(1)
-                m.bias.data.zero_()
-            elif isinstance(m, nn.Linear):
-                m.weight.data.normal_(0, 0.01)
-                m.bias.data.zero_()
+        _authors_init_(self)
 
     def forward_features(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """The stem and each stage's last block (``MNEXT_FEATURE_NAMES``)."""

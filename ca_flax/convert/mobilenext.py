@@ -24,7 +24,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ca_flax.convert.errors import ConversionError
-from ca_flax.convert.layouts import Family, ModuleMap, register_family
+from ca_flax.convert.layouts import (
+    Family, ModuleMap, refuse_export, register_family, stage_runs, torch_module_reasons,
+)
 from ca_flax.convert.mobilenetv2 import USUAL_WIDTHS, _dim  # the shared shape reader
 from ca_flax.models.mobilenext import DEFAULT_REPEATS, STAGES, MobileNeXt
 
@@ -95,29 +97,13 @@ def _block_outputs(arrays: Mapping[str, np.ndarray], origin: str) -> list[int]:
     return outs
 
 
-def _stage_repeats(outs: Sequence[int], origin: str) -> tuple[int, ...]:
-    runs = [1]
-    for previous, out in zip(outs, outs[1:]):
-        if out == previous:
-            runs[-1] += 1
-        else:
-            runs.append(1)
-    if len(runs) == len(STAGES):
-        return tuple(runs)
-    if len(outs) == sum(DEFAULT_REPEATS):
-        return DEFAULT_REPEATS
-    raise ConversionError(
-        f"{origin}: cannot tell MobileNeXt's {len(STAGES)} stages apart: {len(outs)} blocks with output widths {list(outs)}."
-    )
-
-
 def infer_config(layout: Layout, arrays: Mapping[str, np.ndarray], origin: str) -> dict[str, Any]:
     """``MobileNeXt`` keyword arguments that reproduce the shapes in ``arrays``
     (``num_classes`` 0 when there is no classifier)."""
     stem = _dim(arrays, origin, ("features.0.0.weight", 0), ("features.0.1.weight", 0))
     in_channels = _dim(arrays, origin, ("features.0.0.weight", 1), default=3)
     outs = _block_outputs(arrays, origin)
-    repeats = _stage_repeats(outs, origin)
+    repeats = stage_runs(outs, DEFAULT_REPEATS, origin)
     num_classes = _dim(arrays, origin, (f"{layout.classifier}.weight", 0), default=0)
     ends = np.cumsum(repeats) - 1
     ratios = [round(outs[e] / c, 2) for e, (_, c, _, _) in zip(ends, STAGES) if c != 1280]
@@ -144,19 +130,10 @@ def check_exportable(model: Any, layout: Layout) -> None:
     """Raises ConversionError when ``model`` cannot be written in the official layout."""
     if not isinstance(model, MobileNeXt):
         raise ConversionError(f"The {layout.name} layout takes ca-flax MobileNeXt models, got a {type(model).__name__}.")
-    reasons = []
+    reasons = torch_module_reasons(model)
     if model.attention is not None:
-        reasons.append(f"attention={model.attention!r} (the authors' MobileNeXt has none)")
-    if model.activation != "relu6":
-        reasons.append(f"activation {model.activation!r} (the official modules use ReLU6)")
-    if model.bn_epsilon != 1e-5:
-        reasons.append(f"bn_epsilon {model.bn_epsilon} (PyTorch's default is 1e-5)")
-    if not model.num_classes:
-        reasons.append("no classifier (num_classes=0; the official module always has one)")
-    if reasons:
-        raise ConversionError(
-            f"The model cannot be expressed in the {layout.name} layout ({layout.description}): {'; '.join(reasons)}."
-        )
+        reasons.insert(0, f"attention={model.attention!r} (the authors' MobileNeXt has none)")
+    refuse_export(layout, reasons)
 
 
 register_family(Family(

@@ -17,13 +17,13 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from ca_flax.attention import ATTENTION_BLOCKS, create_attention
+from ca_flax.attention import create_attention
 from ca_flax.layers.activations import ActivationLike
 from ca_flax.layers.conv import dense_kernel_init
 from ca_flax.layers.depthwise import DepthwiseImpl
 from ca_flax.layers.pooling import mean_pool
 from ca_flax.layers.units import ConvBNAct
-from ca_flax.models.backbone import Backbone, FeatureInfo
+from ca_flax.models.backbone import Backbone, FeatureInfo, check_mobile_options
 from ca_flax.models.mobilenetv2 import make_divisible
 
 # (reduction t, channels c, repeats n, first stride s) of the eight stages.
@@ -267,25 +267,12 @@ class MobileNeXt(Backbone):
 
     @nn.nowrap
     def _validate(self) -> None:
-        if not (isinstance(self.width_mult, (int, float)) and math.isfinite(self.width_mult) and self.width_mult > 0):
-            raise ValueError(f"width_mult must be a positive finite number, got {self.width_mult!r}.")
-        repeats = tuple(self.stage_repeats)
-        if len(repeats) != len(STAGES) or any(not isinstance(r, int) or r < 1 for r in repeats):
-            raise ValueError(
-                f"stage_repeats must be {len(STAGES)} positive integers (one per stage, default "
-                f"{DEFAULT_REPEATS}), got {self.stage_repeats!r}."
-            )
+        check_mobile_options(self, DEFAULT_REPEATS)
         identity_div(self.identity_tensor_multiplier)  # raises on a bad value
-        if self.attention is not None and self.attention not in ATTENTION_BLOCKS:
-            raise ValueError(f"Unknown attention {self.attention!r}; choose one of {sorted(ATTENTION_BLOCKS)} or None.")
         if self.attention_position not in ATTENTION_POSITIONS:
             raise ValueError(
                 f"Unknown attention_position {self.attention_position!r}; choose one of {list(ATTENTION_POSITIONS)}."
             )
-        if not isinstance(self.num_classes, int) or self.num_classes < 0:
-            raise ValueError(f"num_classes must be a non-negative integer, got {self.num_classes!r}.")
-        if not 0.0 <= self.dropout_rate < 1.0:
-            raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate!r}.")
 
     # -- architecture arithmetic, shared with the converter and the tests -------------
 
