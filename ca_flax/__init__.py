@@ -1,4 +1,4 @@
-"""ca-flax: Coordinate Attention and the MobileNetV2 family in JAX/Flax.
+"""ca-flax: Coordinate Attention and the mobile networks built on it (MobileNetV2, MobileNeXt) in JAX/Flax.
 
 Subpackages: ``layers`` (building blocks), ``attention`` (CA, SE, CBAM), ``models``
 (networks and the registry), ``convert`` (PyTorch weights), ``data`` (input pipeline),

@@ -24,7 +24,7 @@ import torch_reference as tr  # noqa: E402
 
 from ca_flax.checkpoints import abstract_variables  # noqa: E402
 from ca_flax.convert import ConversionError, from_torch, to_torch  # noqa: E402
-from ca_flax.models import MobileNetV2, create_model  # noqa: E402
+from ca_flax.models import MobileNetV2, MobileNeXt, create_model  # noqa: E402
 
 LAYOUT_DIR = _TESTS_DIR / "fixtures" / "layouts"
 # Fixture -> (layout, the registered ca-flax model with the same architecture).
@@ -38,6 +38,8 @@ EXPECTED = {
     "timm_mobilenetv2_140": ("timm", create_model("mobilenetv2_140")),
     "timm_mobilenetv2_110d": ("timm", create_model("mobilenetv2_110d")),
     "timm_mobilenetv2_120d": ("timm", create_model("mobilenetv2_120d")),
+    "official_mnext_w0.5": ("official_mnext", create_model("mobilenext", width_mult=0.5)),
+    "official_mnext_w1.0": ("official_mnext", create_model("mobilenext")),
 }
 
 
@@ -52,8 +54,9 @@ def _reference_state_dict(name: str, seed: int = 0) -> dict:
     return tr.randomize_(model, seed=seed, calibrate=False).state_dict()
 
 
-def _architecture(model: MobileNetV2) -> tuple:
-    return (model.block_specs(), model.stem_width, model.head_width, model.attention, model.in_channels, model.num_classes)
+def _architecture(model: MobileNetV2 | MobileNeXt) -> tuple:
+    head = getattr(model, "head_width", None)  # MobileNeXt has no head conv
+    return (model.block_specs(), model.stem_width, head, model.attention, model.in_channels, model.num_classes)
 
 
 def _param_count(tree) -> int:
@@ -291,10 +294,11 @@ def test_every_layout_belongs_to_one_registered_family():
     from ca_flax.convert import FAMILIES, LAYOUTS, register_family
     from ca_flax.convert.layouts import family_of_layout
 
-    assert list(FAMILIES) == ["mobilenetv2"]
+    assert list(FAMILIES) == ["mobilenetv2", "mobilenext"]
     assert {name: family_of_layout(layout).name for name, layout in LAYOUTS.items()} == {
-        "official": "mobilenetv2", "torchvision": "mobilenetv2", "timm": "mobilenetv2"}
+        "official": "mobilenetv2", "torchvision": "mobilenetv2", "timm": "mobilenetv2", "official_mnext": "mobilenext"}
     assert FAMILIES["mobilenetv2"].architecture is MobileNetV2
+    assert FAMILIES["mobilenext"].architecture is MobileNeXt
     with pytest.raises(ValueError, match=r"Layout name\(s\) \['timm'\] of family 'other' are taken"):
         register_family(dataclasses.replace(FAMILIES["mobilenetv2"], name="other", layouts=(LAYOUTS["timm"],)))
-    assert list(FAMILIES) == ["mobilenetv2"]  # a refused family leaves the table as it was
+    assert list(FAMILIES) == ["mobilenetv2", "mobilenext"]  # a refused family leaves the table as it was

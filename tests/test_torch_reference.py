@@ -1,7 +1,7 @@
 """Checks that the PyTorch reference models reproduce the recorded state_dict layouts.
 
 Each fixture in ``tests/fixtures/layouts/`` lists every state_dict key of a real
-PyTorch MobileNetV2 (authors' MBV2+CA, torchvision, timm) with shape and dtype, in
+PyTorch MobileNetV2 (authors' MBV2+CA, torchvision, timm) or MobileNeXt (authors') with shape and dtype, in
 order. The reference modules in ``torch_reference.py`` must match them exactly, run a
 forward pass and expose feature maps at the expected strides.
 """
@@ -31,7 +31,7 @@ def _load(path: Path) -> dict:
 
 
 def test_all_layouts_present():
-    assert sorted(p.stem for p in LAYOUT_FILES) == sorted(tr.LAYOUT_NAMES)
+    assert sorted(p.stem for p in LAYOUT_FILES) == sorted(tr.LAYOUT_NAMES + tr.MNEXT_LAYOUT_NAMES)
 
 
 @pytest.mark.parametrize("v, divisor, expected", [(32 * 0.5, 8, 16), (1280 * 1.4, 8, 1792), (24 * 1.1, 8, 24), (64 * 1.1, 8, 72), (3.0, 8, 8), (96 * 0.35, 8, 32), (32 * 0.1, 4, 4)])
@@ -63,14 +63,16 @@ def test_forward_and_feature_strides(path):
         feats = model.forward_features(x)
     assert logits.shape == (1, 10)
     assert torch.isfinite(logits).all()
-    assert list(feats) == list(tr.FEATURE_NAMES)
+    mnext = isinstance(model, tr.OfficialMobileNeXt)  # no head conv: the last stage is pooled
+    names, strides = (tr.MNEXT_FEATURE_NAMES, tr.MNEXT_FEATURE_STRIDES) if mnext else (tr.FEATURE_NAMES, tr.FEATURE_STRIDES)
+    assert list(feats) == list(names)
     for name, fmap in feats.items():
-        stride = tr.FEATURE_STRIDES[name]
+        stride = strides[name]
         expected_hw = math.ceil(size / stride)
         assert fmap.shape[0] == 1 and fmap.shape[2:] == (expected_hw, expected_hw), name
         assert torch.isfinite(fmap).all(), name
     # The pooled head feeds the classifier, so forward must agree with forward_features.
-    assert feats["head"].shape[1] == model.state_dict()[_classifier_weight_key(model)].shape[1]
+    assert feats[names[-1]].shape[1] == model.state_dict()[_classifier_weight_key(model)].shape[1]
 
 
 def _classifier_weight_key(model) -> str:

@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference MobileNetV2 definitions used as test fixtures.
+"""Pure-PyTorch reference MobileNetV2 and MobileNeXt definitions used as test fixtures.
 
 The three model families below reproduce, key for key and shape for shape, the
 ``state_dict`` layouts of three real PyTorch code bases (the layouts are stored in
@@ -9,12 +9,15 @@ The three model families below reproduce, key for key and shape for shape, the
 * :class:`TorchvisionMobileNetV2` -- ``torchvision.models.mobilenet_v2``.
 * :class:`TimmMobileNetV2` -- timm's ``mobilenetv2_*`` family (EfficientNet builder),
   built by name with :func:`timm_mobilenetv2`.
+* :class:`OfficialMobileNeXt` -- the authors' MobileNeXt
+  (``zhoudaquan/rethinking_bottleneck_design``, ``mnext.py``), whose maps are ``stem`` and
+  ``stage0`` ... ``stage7`` (``MNEXT_FEATURE_NAMES``; no head conv, ``stage7`` is pooled).
 
 Neither torchvision nor timm is importable next to the pinned torch, so the modules
 are re-implemented here with plain ``nn.Sequential`` / ``nn.Module`` containers whose
 attribute names and registration order yield exactly the original keys.
 
-Every model exposes
+Every MobileNetV2 model exposes
 
 * ``forward(x) -> logits`` (NCHW input), and
 * ``forward_features(x) -> dict`` with the maps ``stem``, ``stage0`` ... ``stage6``
@@ -53,6 +56,12 @@ __all__ = [
     "TimmMobileNetV2",
     "TIMM_MOBILENETV2_CONFIGS",
     "timm_mobilenetv2",
+    "MNEXT_STAGES",
+    "MNEXT_FEATURE_NAMES",
+    "MNEXT_FEATURE_STRIDES",
+    "MNEXT_LAYOUT_NAMES",
+    "OfficialSGBlock",
+    "OfficialMobileNeXt",
     "randomize_",
     "build_from_layout_name",
 ]
@@ -123,6 +132,23 @@ def _conv_bn_relu6(inp: int, oup: int, kernel_size: int, stride: int = 1, groups
         nn.BatchNorm2d(oup),
         nn.ReLU6(inplace=False),
     )
+
+
+def _authors_init_(model: nn.Module) -> None:
+    """The init of the authors' MBV2_CA and MobileNeXt code: convs N(0, sqrt(2 / (k*k*out))),
+    BatchNorm weight 1 bias 0, Linear N(0, 0.01) bias 0."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            m.weight.data.normal_(0, math.sqrt(2.0 / n))
+            if m.bias is not None:
+                m.bias.data.zero_()
+        elif isinstance(m, nn.BatchNorm2d):
+            m.weight.data.fill_(1)
+            m.bias.data.zero_()
+        elif isinstance(m, nn.Linear):
+            m.weight.data.normal_(0, 0.01)
+            m.bias.data.zero_()
 
 
 def _stage_end_indices(repeats: Sequence[int]) -> List[int]:
@@ -265,18 +291,7 @@ class OfficialMBV2CA(nn.Module):
 
     def _initialize_weights(self) -> None:
         """The authors' init: He-normal on fan-out (k*k*out), BN 1/0, Linear N(0, 0.01)."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                m.weight.data.normal_(0, math.sqrt(2.0 / n))
-                if m.bias is not None:
-                    m.bias.data.zero_()
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.data.fill_(1)
-                m.bias.data.zero_()
-            elif isinstance(m, nn.Linear):
-                m.weight.data.normal_(0, 0.01)
-                m.bias.data.zero_()
+        _authors_init_(self)
 
     def forward_features(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Return the stem, per-stage and head feature maps (see module docstring)."""
@@ -558,6 +573,148 @@ def timm_mobilenetv2(name: str, num_classes: int = 1000) -> TimmMobileNetV2:
 
 
 # ---------------------------------------------------------------------------------
+# Official MobileNeXt (zhoudaquan/rethinking_bottleneck_design, mobilenext/codebase/
+# models/mnext.py): SGBlock and MobileNeXt
+# ---------------------------------------------------------------------------------
+
+# (t, c, n, s) of the eight stages, as the official ``cfgs``.
+MNEXT_STAGES: Tuple[Tuple[int, int, int, int], ...] = (
+    (2, 96, 1, 2),
+    (6, 144, 1, 1),
+    (6, 192, 3, 2),
+    (6, 288, 3, 2),
+    (6, 384, 4, 1),
+    (6, 576, 4, 2),
+    (6, 960, 3, 1),
+    (6, 1280, 1, 1),
+)
+MNEXT_FEATURE_NAMES: Tuple[str, ...] = ("stem",) + tuple(f"stage{i}" for i in range(8))
+MNEXT_FEATURE_STRIDES: Dict[str, int] = {
+    "stem": 2, "stage0": 4, "stage1": 4, "stage2": 8, "stage3": 16, "stage4": 16, "stage5": 32, "stage6": 32,
+    "stage7": 32,
+}
+MNEXT_LAYOUT_NAMES: Tuple[str, ...] = ("official_mnext_w0.5", "official_mnext_w1.0")
+
+
+def _dw(channels: int, stride: int) -> nn.Conv2d:
+    return nn.Conv2d(channels, channels, 3, stride, 1, groups=channels, bias=False)
+
+
+def _pw(inp: int, oup: int) -> nn.Conv2d:
+    return nn.Conv2d(inp, oup, 1, 1, 0, bias=False)
+
+
+class OfficialSGBlock(nn.Module):
+    """The official ``SGBlock(inp, oup, stride, expand_ratio, keep_3x3)``.
+
+    ``conv`` indices. ``expand_ratio == 2`` and the last case: 0 dw, 1 BN, 2 ReLU6,
+    3 pw, 4 BN, 5 pw, 6 BN, 7 ReLU6, 8 dw, 9 BN. ``inp != oup``, stride 1, not keep_3x3:
+    0 pw, 1 BN, 2 pw, 3 BN, 4 ReLU6. ``inp != oup``, stride 2: the same, 5 dw (s2), 6 BN.
+    The shortcut (last case without keep_3x3) adds x to the first ``C // identity_div``
+    output channels.
+    """
+
+    def __init__(self, inp: int, oup: int, stride: int, expand_ratio: int, keep_3x3: bool = False,
+                 identity_div: int = 1):
+        super().__init__()
+        assert stride in (1, 2)
+        hidden_dim = inp // expand_ratio
+        if hidden_dim < oup / 6.0:
+            hidden_dim = make_divisible(math.ceil(oup / 6.0), 16)
+        self.identity = False
+        self.identity_div = identity_div
+        self.expand_ratio = expand_ratio
+        if expand_ratio == 2:
+            self.conv = nn.Sequential(
+                _dw(inp, 1), nn.BatchNorm2d(inp), nn.ReLU6(inplace=False),
+                _pw(inp, hidden_dim), nn.BatchNorm2d(hidden_dim),
+                _pw(hidden_dim, oup), nn.BatchNorm2d(oup), nn.ReLU6(inplace=False),
+                _dw(oup, stride), nn.BatchNorm2d(oup),
+            )
+        elif inp != oup and stride == 1 and not keep_3x3:
+            self.conv = nn.Sequential(
+                _pw(inp, hidden_dim), nn.BatchNorm2d(hidden_dim),
+                _pw(hidden_dim, oup), nn.BatchNorm2d(oup), nn.ReLU6(inplace=False),
+            )
+        elif inp != oup and stride == 2 and not keep_3x3:
+            self.conv = nn.Sequential(
+                _pw(inp, hidden_dim), nn.BatchNorm2d(hidden_dim),
+                _pw(hidden_dim, oup), nn.BatchNorm2d(oup), nn.ReLU6(inplace=False),
+                _dw(oup, stride), nn.BatchNorm2d(oup),
+            )
+        else:
+            self.identity = not keep_3x3
+            self.conv = nn.Sequential(
+                _dw(inp, 1), nn.BatchNorm2d(inp), nn.ReLU6(inplace=False),
+                _pw(inp, hidden_dim), nn.BatchNorm2d(hidden_dim),
+                _pw(hidden_dim, oup), nn.BatchNorm2d(oup), nn.ReLU6(inplace=False),
+                _dw(oup, 1), nn.BatchNorm2d(oup),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv(x)
+        if self.identity:
+            k = x.shape[1] // self.identity_div
+            out = out.clone()
+            out[:, :k] = out[:, :k] + x[:, :k]
+        return out
+
+
+class OfficialMobileNeXt(nn.Module):
+    """The official ``MobileNeXt``: ``features.0`` stem (conv3x3 s2, BN, ReLU6),
+    ``features.1..20`` sandglass blocks, ``avgpool``, ``classifier = Sequential(Dropout(0.2),
+    Linear(1280, num_classes))``; no 1x1 head conv.
+
+    Args:
+        num_classes: classifier outputs.
+        width_mult: channel multiplier (multiples of 8, of 4 at 0.1; 1280 kept below 1).
+        identity_div: the shortcut covers the first ``C // identity_div`` channels.
+        stage_repeats: blocks per stage (the official ``n`` column by default; the
+            stage's ``keep_3x3`` stays the table's, as in ca-flax).
+    """
+
+    def __init__(self, num_classes: int = 1000, width_mult: float = 1.0, identity_div: int = 1,
+                 stage_repeats: Optional[Sequence[int]] = None):
+        super().__init__()
+        divisor = 4 if width_mult == 0.1 else 8
+        input_channel = make_divisible(32 * width_mult, divisor)
+        layers: List[nn.Module] = [_conv_bn_relu6(3, input_channel, 3, stride=2)]
+        repeats = list(stage_repeats or [n for _, _, n, _ in MNEXT_STAGES])
+        for (t, c, n, s), count in zip(MNEXT_STAGES, repeats):
+            output_channel = make_divisible(c * width_mult, divisor)
+            if c == 1280 and width_mult < 1:
+                output_channel = 1280
+            layers.append(OfficialSGBlock(input_channel, output_channel, s, t, n == 1 and s == 1, identity_div))
+            input_channel = output_channel
+            for _ in range(count - 1):
+                layers.append(OfficialSGBlock(input_channel, output_channel, 1, t, False, identity_div))
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(input_channel, num_classes))
+        self._stage_ends = [i + 1 for i in _stage_end_indices(repeats)]
+        self._initialize_weights()
+
+    def _initialize_weights(self) -> None:
+        """The official init: N(0, sqrt(2 / (k*k*out))) convs, BN 1/0, Linear N(0, 0.01)."""
+        _authors_init_(self)
+
+    def forward_features(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The stem and each stage's last block (``MNEXT_FEATURE_NAMES``)."""
+        feats: Dict[str, torch.Tensor] = {"stem": self.features[0](x)}
+        x, stage = feats["stem"], 0
+        for idx in range(1, len(self.features)):
+            x = self.features[idx](x)
+            if idx == self._stage_ends[stage]:
+                feats[f"stage{stage}"] = x
+                stage += 1
+        return feats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(x)["stage7"]
+        return self.classifier(torch.flatten(self.avgpool(x), 1))
+
+
+# ---------------------------------------------------------------------------------
 # Random weights and lookup by fixture name
 # ---------------------------------------------------------------------------------
 
@@ -691,16 +848,18 @@ def randomize_(
 def build_from_layout_name(name: str, num_classes: int = 1000) -> nn.Module:
     """Build the reference model matching a fixture file stem.
 
-    Accepted forms: ``'official_mbv2_ca_w<width>'``, ``'torchvision_mobilenet_v2_w<width>'``
-    and ``'timm_mobilenetv2_<variant>'`` (e.g. ``'official_mbv2_ca_w0.5'``,
+    Accepted forms: ``'official_mbv2_ca_w<width>'``, ``'torchvision_mobilenet_v2_w<width>'``,
+    ``'timm_mobilenetv2_<variant>'`` and ``'official_mnext_w<width>'`` (e.g. ``'official_mbv2_ca_w0.5'``,
     ``'torchvision_mobilenet_v2_w1.0'``, ``'timm_mobilenetv2_120d'``). The model is
     returned with its library's default init, in training mode.
     """
-    official, tv = "official_mbv2_ca_w", "torchvision_mobilenet_v2_w"
+    official, tv, mnext = "official_mbv2_ca_w", "torchvision_mobilenet_v2_w", "official_mnext_w"
+    if name.startswith(mnext):
+        return OfficialMobileNeXt(num_classes=num_classes, width_mult=float(name[len(mnext):]))
     if name.startswith(official):
         return OfficialMBV2CA(num_classes=num_classes, width_mult=float(name[len(official):]))
     if name.startswith(tv):
         return TorchvisionMobileNetV2(num_classes=num_classes, width_mult=float(name[len(tv):]))
     if name.startswith("timm_mobilenetv2_"):
         return timm_mobilenetv2(name, num_classes=num_classes)
-    raise ValueError(f"unknown layout name {name!r}; known: {list(LAYOUT_NAMES)}")
+    raise ValueError(f"unknown layout name {name!r}; known: {list(LAYOUT_NAMES + MNEXT_LAYOUT_NAMES)}")

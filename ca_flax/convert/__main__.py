@@ -17,7 +17,7 @@ from typing import Sequence
 
 from ca_flax.convert.errors import ConversionError
 from ca_flax.convert.io import READ_SUFFIXES, SUFFIXES, save_state_dict
-from ca_flax.convert.layouts import LAYOUTS
+from ca_flax.convert.layouts import FAMILIES, LAYOUTS
 
 EXIT_BAD_INPUT = 2
 
@@ -26,8 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m ca_flax.convert",
         description=(
-            "Convert MobileNetV2 weights from PyTorch (the authors' MobileNetV2+CA mbv2_ca.pth, "
-            "torchvision's mobilenet_v2, timm's mobilenetv2_*) into a ca-flax model checkpoint, "
+            "Convert MobileNetV2 and MobileNeXt weights from PyTorch (the authors' MobileNetV2+CA mbv2_ca.pth, "
+            "torchvision's mobilenet_v2, timm's mobilenetv2_*, the authors' MobileNeXt) into a ca-flax model checkpoint, "
             "or back with --to-torch. The layout and the model configuration are inferred."
         ),
     )
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--layout", choices=("auto",) + tuple(LAYOUTS), default="auto",
         help="state-dict layout (default: detected on import; on export, the one the checkpoint was converted from, "
-        "else 'official' for CA models)",
+        "else the family's only one, or 'official' for MobileNetV2 CA models)",
     )
     parser.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the checkpoint's); another value re-initializes the classifier for fine-tuning")
     parser.add_argument("--no-strict", dest="strict", action="store_false", help="ignore keys that are not part of the layout")
@@ -95,11 +95,14 @@ def export_weights(args: argparse.Namespace) -> str:
     model, variables = load_model(args.src)
     layout = args.layout
     if layout == "auto":
-        layout = source.get("layout") or ("official" if model.attention == "ca" else None)
+        # The model's family's layouts: its only one, or for MobileNetV2 'official' for CA models.
+        names = [l.name for f in FAMILIES.values() if isinstance(model, f.architecture) for l in f.layouts]
+        default = names[0] if len(names) == 1 else ("official" if model.attention == "ca" and "official" in names else None)
+        layout = source.get("layout") or default
         if layout not in LAYOUTS:
             raise ConversionError(
                 f"{args.src}: cannot tell which PyTorch layout to write (the checkpoint records none); "
-                f"pass --layout {' or '.join(n for n in LAYOUTS if n != 'official')}."
+                f"pass --layout {' or '.join(n for n in (names or LAYOUTS) if n != 'official')}."
             )
     state = to_torch(model, variables, layout, num_batches_tracked=int(source.get("num_batches_tracked") or 0))
     save_state_dict(state, dst, overwrite=args.overwrite)

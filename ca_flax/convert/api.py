@@ -38,7 +38,8 @@ class ConversionReport:
 
     Attributes:
       source: the file path, or 'in-memory state dict'.
-      layout: the layout read: 'official', 'torchvision' or 'timm' for MobileNetV2.
+      layout: the layout read: 'official', 'torchvision' or 'timm' for MobileNetV2,
+        'official_mnext' for MobileNeXt.
       config: the inferred module configuration (as built).
       mapped: ``(torch key, ca-flax variable path)`` of every converted tensor.
       ignored: ``(torch key, reason)`` of every tensor left out.
@@ -94,7 +95,7 @@ def from_torch(
     strict: bool = True,
     use_ema: bool = True,
 ) -> tuple[Any, dict[str, Any], ConversionReport]:
-    """Converts PyTorch weights of a registered family (MobileNetV2) into a ca-flax model
+    """Converts PyTorch weights of a registered family (MobileNetV2, MobileNeXt) into a ca-flax model
     and its variables.
 
     Args:
@@ -103,7 +104,7 @@ def from_torch(
         ``{'state_dict': ...}``, ``{'model': ...}`` or ``{'state_dict_ema': ...}``, with
         ``module.`` / ``_orig_mod.`` prefixes.
       layout: ``'auto'`` (detected from the keys), ``'official'`` (the authors'
-        MobileNetV2+CA), ``'torchvision'`` or ``'timm'``.
+        MobileNetV2+CA), ``'torchvision'``, ``'timm'`` or ``'official_mnext'`` (the authors' MobileNeXt).
       num_classes: classifier size of the returned model; ``None`` keeps the
         checkpoint's. Another value keeps everything but the classifier, which is
         initialized afresh (0 drops it: the model returns pooled features).
@@ -112,7 +113,7 @@ def from_torch(
       use_ema: take the EMA weights when a checkpoint holds both.
 
     Returns:
-      ``(model, variables, report)``: the module (a ``MobileNetV2`` for the layouts above),
+      ``(model, variables, report)``: the module (a ``MobileNetV2``, or a ``MobileNeXt`` for ``'official_mnext'``),
       its ``{'params', 'batch_stats'}`` and a :class:`ConversionReport`.
 
     Raises:

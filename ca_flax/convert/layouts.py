@@ -153,6 +153,47 @@ def apply_aliases(layout: Layout, arrays: dict[str, np.ndarray]) -> list[str]:
     return notes
 
 
+def stage_runs(outs: Sequence[int], default_repeats: tuple[int, ...], origin: str) -> tuple[int, ...]:
+    """Blocks per stage of blocks numbered flat over the network, from their output
+    widths: a stage ends where the width changes. Narrow models can round two stages to
+    one width; the standard depth is the only sensible reading then."""
+    runs = [1]
+    for previous, out in zip(outs, outs[1:]):
+        if out == previous:
+            runs[-1] += 1
+        else:
+            runs.append(1)
+    if len(runs) == len(default_repeats):
+        return tuple(runs)
+    if len(outs) == sum(default_repeats):
+        return default_repeats
+    raise ConversionError(
+        f"{origin}: cannot tell the {len(default_repeats)} stages apart: {len(outs)} blocks with output widths "
+        f"{list(outs)}."
+    )
+
+
+def torch_module_reasons(model: Any) -> list[str]:
+    """Why the PyTorch modules of a MobileNet family cannot hold ``model``, if they cannot:
+    they use ReLU6, BatchNorm epsilon 1e-5 and always a classifier."""
+    reasons = []
+    if model.activation != "relu6":
+        reasons.append(f"activation {model.activation!r} (PyTorch's modules use ReLU6)")
+    if model.bn_epsilon != 1e-5:
+        reasons.append(f"bn_epsilon {model.bn_epsilon} (PyTorch's default is 1e-5)")
+    if not model.num_classes:
+        reasons.append("no classifier (num_classes=0; the PyTorch modules always have one)")
+    return reasons
+
+
+def refuse_export(layout: Any, reasons: Sequence[str]) -> None:
+    """Raises the ConversionError of :func:`to_torch` listing ``reasons``, if any."""
+    if reasons:
+        raise ConversionError(
+            f"The model cannot be expressed in the {layout.name} layout ({layout.description}): {'; '.join(reasons)}."
+        )
+
+
 # -- tensors ---------------------------------------------------------------------------
 
 

@@ -28,7 +28,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ca_flax.convert.errors import ConversionError
-from ca_flax.convert.layouts import Family, ModuleKind, ModuleMap, register_family
+from ca_flax.convert.layouts import (
+    Family, ModuleKind, ModuleMap, refuse_export, register_family, stage_runs, torch_module_reasons,
+)
 from ca_flax.models import STAGES, MobileNetV2
 from ca_flax.models.mobilenetv2 import DEFAULT_REPEATS
 
@@ -298,22 +300,7 @@ def read_blocks(layout: Layout, arrays: Mapping[str, np.ndarray], origin: str) -
 def _stage_repeats(blocks: Sequence[BlockShape], origin: str) -> tuple[int, ...]:
     if blocks[0].stage is not None:
         return tuple(sum(1 for b in blocks if b.stage == s) for s in range(len(STAGES)))
-    # Flat numbering: a stage ends where the output width changes. Narrow models can
-    # round two stages to one width; the standard depth is the only sensible reading then.
-    runs = [1]
-    for previous, block in zip(blocks, blocks[1:]):
-        if block.out_channels == previous.out_channels:
-            runs[-1] += 1
-        else:
-            runs.append(1)
-    if len(runs) == len(STAGES):
-        return tuple(runs)
-    if len(blocks) == sum(DEFAULT_REPEATS):
-        return DEFAULT_REPEATS
-    raise ConversionError(
-        f"{origin}: cannot tell the {len(STAGES)} stages apart: {len(blocks)} blocks with output widths "
-        f"{[b.out_channels for b in blocks]}."
-    )
+    return stage_runs([b.out_channels for b in blocks], DEFAULT_REPEATS, origin)
 
 
 def _width_candidates(blocks: Sequence[BlockShape], repeats: Sequence[int]) -> list[float]:
@@ -374,19 +361,10 @@ def check_exportable(model: Any, layout: Layout) -> None:
     """Raises ConversionError when ``model`` cannot be written in ``layout``."""
     if not isinstance(model, MobileNetV2):
         raise ConversionError(f"to_torch exports ca-flax MobileNetV2 models, got a {type(model).__name__}.")
-    reasons = []
-    if model.activation != "relu6":
-        reasons.append(f"activation {model.activation!r} (PyTorch's modules use ReLU6)")
-    if model.bn_epsilon != 1e-5:
-        reasons.append(f"bn_epsilon {model.bn_epsilon} (PyTorch's default is 1e-5)")
-    if not model.num_classes:
-        reasons.append("no classifier (num_classes=0; the PyTorch modules always have one)")
+    reasons = torch_module_reasons(model)
     if model.attention == "ca" and set(model.attention_kwargs or {}) - {"reduction"}:
         reasons.append(f"CA options {dict(model.attention_kwargs or {})} (the released block only varies the reduction)")
-    if reasons:
-        raise ConversionError(
-            f"The model cannot be expressed in the {layout.name} layout ({layout.description}): {'; '.join(reasons)}."
-        )
+    refuse_export(layout, reasons)
 
 
 register_family(Family(

@@ -6,6 +6,7 @@
 
 from ca_flax.models.mobilenetv2 import STAGES, InvertedResidual, MobileNetV2, make_divisible
 from ca_flax.models.backbone import Backbone, FeatureInfo
+from ca_flax.models.mobilenext import MobileNeXt, SandglassBlock
 from ca_flax.models.registry import create_model, describe_model, list_models, model_defaults, register_model
 
 # The paper's four networks (Table 4 of the CA paper): same backbone, the attention differs.
@@ -27,12 +28,24 @@ register_model(
     width_mult=1.2, stage_repeats=(1, 3, 5, 6, 5, 5, 1), stem_channels=32, head_channels=1280,
 )
 
+# MobileNeXt (the CA paper's second backbone): width variants through width_mult. The
+# attention variants put the block after each sandglass block's first depthwise conv, the
+# authors' placement (docs/mobilenext.md: the other placements and their sizes).
+register_model("mobilenext", MobileNeXt, "MobileNeXt, the CA paper's second baseline (3.54M params at width 1.0)")
+register_model("mobilenext_se", MobileNeXt, "MobileNeXt + SE (reduction 24) after the first depthwise conv", attention="se")
+register_model(
+    "mobilenext_ca", MobileNeXt, "MobileNeXt + Coordinate Attention (reduction 32) after the first depthwise conv",
+    attention="ca",
+)
+
 __all__ = [
     "Backbone",
     "FeatureInfo",
     "STAGES",
     "InvertedResidual",
     "MobileNetV2",
+    "MobileNeXt",
+    "SandglassBlock",
     "create_model",
     "describe_model",
     "list_models",

@@ -17,6 +17,7 @@ file carries any of it.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, ClassVar, NamedTuple
 
 import jax
@@ -40,6 +41,29 @@ def _channels_hint(shape: tuple[int, ...], in_channels: int) -> str:
     if (in_channels, shape[-1]) == (3, 4):
         return "4 channels are RGBA: drop the alpha channel with x[..., :3]"
     return f"for {shape[-1]}-channel images create the model with in_channels={shape[-1]}"
+
+
+def check_mobile_options(model: Any, default_repeats: tuple[int, ...]) -> None:
+    """Raises a ValueError naming the fix for a bad ``width_mult``, ``stage_repeats`` (one
+    positive integer per stage, ``len(default_repeats)`` stages), ``attention``,
+    ``num_classes`` or ``dropout_rate``: the options the MobileNet families share."""
+    from ca_flax.attention import ATTENTION_BLOCKS  # attention imports nothing of models
+
+    width = model.width_mult
+    if not (isinstance(width, (int, float)) and math.isfinite(width) and width > 0):
+        raise ValueError(f"width_mult must be a positive finite number, got {width!r}.")
+    repeats = tuple(model.stage_repeats)
+    if len(repeats) != len(default_repeats) or any(not isinstance(r, int) or r < 1 for r in repeats):
+        raise ValueError(
+            f"stage_repeats must be {len(default_repeats)} positive integers (one per stage, default "
+            f"{default_repeats}), got {model.stage_repeats!r}."
+        )
+    if model.attention is not None and model.attention not in ATTENTION_BLOCKS:
+        raise ValueError(f"Unknown attention {model.attention!r}; choose one of {sorted(ATTENTION_BLOCKS)} or None.")
+    if not isinstance(model.num_classes, int) or model.num_classes < 0:
+        raise ValueError(f"num_classes must be a non-negative integer, got {model.num_classes!r}.")
+    if not 0.0 <= model.dropout_rate < 1.0:
+        raise ValueError(f"dropout_rate must be in [0, 1), got {model.dropout_rate!r}.")
 
 
 class Backbone(nn.Module):
@@ -125,4 +149,4 @@ class Backbone(nn.Module):
             )
 
 
-__all__ = ["Backbone", "FeatureInfo"]
+__all__ = ["Backbone", "FeatureInfo", "check_mobile_options"]

@@ -4,20 +4,19 @@ Coordinate Attention paper: one configurable module covers the paper's baseline,
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from ca_flax.attention import ATTENTION_BLOCKS, create_attention
+from ca_flax.attention import create_attention
 from ca_flax.layers.activations import ActivationLike
 from ca_flax.layers.conv import dense_kernel_init
 from ca_flax.layers.depthwise import DepthwiseImpl
 from ca_flax.layers.pooling import mean_pool
 from ca_flax.layers.units import ConvBNAct
-from ca_flax.models.backbone import Backbone, FeatureInfo
+from ca_flax.models.backbone import Backbone, FeatureInfo, check_mobile_options
 
 # (expansion t, channels c, repeats n, first stride s) of the seven stages.
 STAGES: tuple[tuple[int, int, int, int], ...] = (
@@ -137,20 +136,7 @@ class MobileNetV2(Backbone):
 
     @nn.nowrap
     def _validate(self) -> None:
-        if not (isinstance(self.width_mult, (int, float)) and math.isfinite(self.width_mult) and self.width_mult > 0):
-            raise ValueError(f"width_mult must be a positive finite number, got {self.width_mult!r}.")
-        repeats = tuple(self.stage_repeats)
-        if len(repeats) != len(STAGES) or any(not isinstance(r, int) or r < 1 for r in repeats):
-            raise ValueError(
-                f"stage_repeats must be {len(STAGES)} positive integers (one per stage, default "
-                f"{DEFAULT_REPEATS}), got {self.stage_repeats!r}."
-            )
-        if self.attention is not None and self.attention not in ATTENTION_BLOCKS:
-            raise ValueError(f"Unknown attention {self.attention!r}; choose one of {sorted(ATTENTION_BLOCKS)} or None.")
-        if not isinstance(self.num_classes, int) or self.num_classes < 0:
-            raise ValueError(f"num_classes must be a non-negative integer, got {self.num_classes!r}.")
-        if not 0.0 <= self.dropout_rate < 1.0:
-            raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate!r}.")
+        check_mobile_options(self, DEFAULT_REPEATS)
         for name in ("stem_channels", "head_channels"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
