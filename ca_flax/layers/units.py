@@ -97,4 +97,13 @@ class ConvBNAct(nn.Module):
         return self.conv(x)
 
 
-__all__ = ["ConvBNAct", "ConvKind"]
+# The settings a network hands down to every unit it builds.
+UNIT_SETTINGS = ("activation", "depthwise_impl", "bn_momentum", "bn_epsilon", "dtype", "param_dtype")
+
+
+def unit_settings(module: nn.Module) -> dict[str, Any]:
+    """``module``'s values of :data:`UNIT_SETTINGS`, as keyword arguments for its units."""
+    return {name: getattr(module, name) for name in UNIT_SETTINGS}
+
+
+__all__ = ["ConvBNAct", "ConvKind", "UNIT_SETTINGS", "unit_settings"]

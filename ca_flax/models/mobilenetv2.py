@@ -15,7 +15,7 @@ from ca_flax.layers.activations import ActivationLike
 from ca_flax.layers.conv import dense_kernel_init
 from ca_flax.layers.depthwise import DepthwiseImpl
 from ca_flax.layers.pooling import mean_pool
-from ca_flax.layers.units import ConvBNAct
+from ca_flax.layers.units import ConvBNAct, unit_settings
 from ca_flax.models.backbone import Backbone, FeatureInfo, check_mobile_options
 
 # (expansion t, channels c, repeats n, first stride s) of the seven stages.
@@ -65,10 +65,7 @@ class InvertedResidual(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         in_channels = x.shape[-1]
         hidden = int(round(in_channels * self.expansion))
-        unit = dict(
-            activation=self.activation, depthwise_impl=self.depthwise_impl, bn_momentum=self.bn_momentum,
-            bn_epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
-        )
+        unit = unit_settings(self)
         expand = None
         if self.expansion != 1:
             expand = ConvBNAct(hidden, kernel_size=1, kind="pointwise", name="expand", **unit)
@@ -170,10 +167,7 @@ class MobileNetV2(Backbone):
     # -- network ----------------------------------------------------------------------
 
     def setup(self) -> None:
-        unit = dict(
-            activation=self.activation, depthwise_impl=self.depthwise_impl, bn_momentum=self.bn_momentum,
-            bn_epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
-        )
+        unit = unit_settings(self)
         self.stem = ConvBNAct(self.stem_width, kernel_size=3, stride=2, kind="full", **unit)
         self.blocks = [
             InvertedResidual(

@@ -22,7 +22,7 @@ from ca_flax.layers.activations import ActivationLike
 from ca_flax.layers.conv import dense_kernel_init
 from ca_flax.layers.depthwise import DepthwiseImpl
 from ca_flax.layers.pooling import mean_pool
-from ca_flax.layers.units import ConvBNAct
+from ca_flax.layers.units import ConvBNAct, unit_settings
 from ca_flax.models.backbone import Backbone, FeatureInfo, check_mobile_options
 from ca_flax.models.mobilenetv2 import make_divisible
 
@@ -146,10 +146,7 @@ class SandglassBlock(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         in_channels = x.shape[-1]
         plan = sandglass_plan(in_channels, self.features, self.stride, self.reduction, self.keep_3x3)
-        unit = dict(
-            activation=self.activation, depthwise_impl=self.depthwise_impl, bn_momentum=self.bn_momentum,
-            bn_epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
-        )
+        unit = unit_settings(self)
         linear = {**unit, "activation": None}
         attend_early, attend_late = self._attention_slots(plan)
 
@@ -311,10 +308,7 @@ class MobileNeXt(Backbone):
     # -- network ----------------------------------------------------------------------
 
     def setup(self) -> None:
-        unit = dict(
-            activation=self.activation, depthwise_impl=self.depthwise_impl, bn_momentum=self.bn_momentum,
-            bn_epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
-        )
+        unit = unit_settings(self)
         self.stem = ConvBNAct(self.stem_width, kernel_size=3, stride=2, kind="full", **unit)
         self.blocks = [
             SandglassBlock(
