@@ -1,6 +1,7 @@
 """ca-flax against the authors' PyTorch model, side by side on this machine.
 
-    python benchmarks/compare_pytorch.py [--batch 32] [--image-size 224] [--steps 10]
+    python benchmarks/compare_pytorch.py [--model mobilenetv2_ca|mobilenext|mobilenext_ca]
+        [--batch 32] [--image-size 224] [--steps 10] [--repeats 3]
         [--out benchmarks/results/compare_pytorch.json] [--only torch_train_nchw,...]
         [--torch-python /path/to/venv-with-newest-torch/bin/python]
     python benchmarks/compare_pytorch.py --device gpu --dtype bfloat16 --batch 256 \
@@ -9,11 +10,17 @@
 Every measurement runs in a fresh subprocess, one after another (never two at once, so
 they do not share cores), and reports images/s, compile (or first-call) seconds and the
 process's peak resident memory from ``wait4``: the whole process, framework included, as
-a user would see it. All of them run under the same allocator setting: glibc's default,
+a user would see it. ``--repeats N`` (default 3) runs the whole list N times over, round
+robin (so a slow spell of the machine falls on every measurement alike), and reports
+each measurement's median, with every run kept in the JSON. All of them run under the same allocator setting: glibc's default,
 or ``--glibc-tunables glibc.malloc.hugetlb=1`` (transparent huge pages for ``malloc``,
 which sped up PyTorch's inference by half on this machine) for every process. The
-PyTorch model is ``tests/torch_reference.OfficialMBV2CA``, the authors' MobileNetV2+CA
-with the released code's module structure.
+PyTorch model (``--model``) is from ``tests/torch_reference.py``: ``OfficialMBV2CA``, the
+authors' MobileNetV2+CA with the released code's module structure; ``OfficialMobileNeXt``,
+the official MobileNeXt; and for ``mobilenext_ca`` the same with the authors' ``CoordAtt``
+after the first depthwise conv (MobileNeXt+CA was never released; the tests check it
+against ca-flax's ``mobilenext_ca`` output for output). ca-flax runs the registered model
+of the same name.
 
 Measurements:
 
@@ -50,6 +57,11 @@ parameters and BatchNorm statistics in both). The trainer measurements are left 
 measurement's model FLOP/s (2 x MAdds per image, x3 for a training step) as a fraction of
 it. ``--depthwise-impl`` times ca-flax with another depthwise implementation.
 
+On the CPU a first measurement, ``cpu_matmul_peak``, times a large float32 matrix
+product (XLA and numpy's BLAS, the faster one): the table gives each measurement's model
+FLOP/s (2 x MAdds per image at the benchmark's size, x3 for a training step) as a
+fraction of it.
+
 Prints a table with ratios against the best PyTorch configuration of each kind and writes
 everything (plus the machine and versions) as JSON after every measurement, so an
 interrupted run keeps what it measured. A measurement that fails or passes
@@ -82,6 +94,12 @@ TORCH_MEASUREMENTS = [
 MICROBATCH = "torch_infer_compile_microbatch"
 FLAX_MEASUREMENTS = ["flax_infer", "flax_infer_jit", "flax_infer_jit_whole_batch", "flax_train_step", "flax_trainer",
                      "flax_trainer_cached"]
+# --model: ca-flax's registered name -> (tests/torch_reference.py class, its arguments).
+MODELS = {
+    "mobilenetv2_ca": ("OfficialMBV2CA", {}),
+    "mobilenext": ("OfficialMobileNeXt", {}),
+    "mobilenext_ca": ("OfficialMobileNeXt", {"coord_att": True}),
+}
 
 
 # ----------------------------------------------------------------------------------
@@ -102,17 +120,20 @@ def _timed_loop(step, steps: int, sync) -> tuple[float, float]:
     return first, (time.perf_counter() - start) / steps
 
 
-def torch_worker(kind: str, batch: int, size: int, steps: int, device: str, dtype: str, micro_batch: int) -> dict:
+def torch_worker(
+    kind: str, model_name: str, batch: int, size: int, steps: int, device: str, dtype: str, micro_batch: int
+) -> dict:
     import contextlib
 
     import torch
 
     sys.path.insert(0, str(REPO / "tests"))
-    from torch_reference import OfficialMBV2CA
+    import torch_reference
 
     torch.manual_seed(0)
     torch_device = "cuda" if device == "gpu" else "cpu"
-    model = OfficialMBV2CA(num_classes=1000).to(torch_device)
+    cls, kwargs = MODELS[model_name]
+    model = getattr(torch_reference, cls)(num_classes=1000, **kwargs).to(torch_device)
     images = torch.randn(batch, 3, size, size, device=torch_device)
     labels = torch.randint(0, 1000, (batch,), device=torch_device)
     # AMP: float32 parameters, bfloat16 compute where autocast deems it safe.
@@ -192,16 +213,34 @@ def gpu_matmul_peak_worker(size: int = 8192, repeats: int = 20) -> dict:
     return _jax_device_peak({"tflops": 2 * size**3 / per_call / 1e12, "version": jax.__version__})
 
 
-def model_madds_worker() -> dict:
-    """Multiply-accumulates per 224x224 image (the papers' MAdds), from XLA's cost analysis."""
+def cpu_matmul_peak_worker(size: int = 4096, repeats: int = 10) -> dict:
+    """The measured float32 matrix-product rate on the CPU (all cores): the faster of XLA's
+    and numpy's BLAS, the ceiling model FLOP/s are compared with."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 2)
+    a, b = (jax.random.normal(k, (size, size), jnp.float32) for k in keys)
+    matmul = jax.jit(lambda a, b: a @ b)
+    _, xla = _timed_loop(lambda: matmul(a, b), repeats, jax.block_until_ready)
+    a_np, b_np = np.asarray(a), np.asarray(b)
+    _, blas = _timed_loop(lambda: a_np @ b_np, repeats, lambda out: out)
+    rates = {"xla": 2 * size**3 / xla / 1e12, "numpy": 2 * size**3 / blas / 1e12}
+    return {"tflops": max(rates.values()), **{f"{k}_tflops": v for k, v in rates.items()}}
+
+
+def model_madds_worker(model_name: str, size: int) -> dict:
+    """Multiply-accumulates per image at the benchmark's size (at 224: the papers' MAdds),
+    from XLA's cost analysis."""
     from ca_flax.models import create_model
     from ca_flax.models.summary import summarize
 
-    return {"madds": summarize(create_model("mobilenetv2_ca")).total_madds}
+    return {"madds": summarize(create_model(model_name), (1, size, size, 3)).total_madds}
 
 
 def flax_infer_worker(
-    kind: str, batch: int, size: int, steps: int, device: str, dtype: str, depthwise_impl: str
+    kind: str, model_name: str, batch: int, size: int, steps: int, device: str, dtype: str, depthwise_impl: str
 ) -> dict:
     """``flax_infer``: ``ca_flax.inference.make_predictor`` (on CPU with one device per
     core, micro-batches per backend); ``flax_infer_jit``: a plain ``jax.jit(model.apply)``
@@ -221,7 +260,7 @@ def flax_infer_worker(
     from ca_flax.training import parallel
 
     whole = {"eval_micro_batch": None} if kind == "flax_infer_jit_whole_batch" else {}
-    model = create_model("mobilenetv2_ca", dtype=jnp.dtype(dtype), depthwise_impl=depthwise_impl, **whole)
+    model = create_model(model_name, dtype=jnp.dtype(dtype), depthwise_impl=depthwise_impl, **whole)
     shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
                             jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
     # Any finite values do for timing; running the initializers would only add compile time.
@@ -244,7 +283,7 @@ def flax_infer_worker(
                              "version": jax.__version__, "backend": jax.default_backend()}, infer)
 
 
-def flax_train_step_worker(batch: int, size: int, steps: int, dtype: str, depthwise_impl: str) -> dict:
+def flax_train_step_worker(model_name: str, batch: int, size: int, steps: int, dtype: str, depthwise_impl: str) -> dict:
     """The trainer's own jitted step (same config, optimizer, state and steps per call) in a
     bare loop: what ``flax_trainer`` would reach if the loop around the step cost nothing."""
     import functools
@@ -261,7 +300,7 @@ def flax_train_step_worker(batch: int, size: int, steps: int, dtype: str, depthw
     from configs import fake_data_benchmark
 
     config = fake_data_benchmark.get_config()
-    config.batch_size, config.image_size, config.dtype = batch, size, dtype
+    config.model, config.batch_size, config.image_size, config.dtype = model_name, batch, size, dtype
     config.model_kwargs.depthwise_impl = depthwise_impl
     per_call = steps_per_call(config, config.num_train_steps)
     model = build_model(config, synthetic.NUM_CLASSES)
@@ -291,13 +330,13 @@ def flax_train_step_worker(batch: int, size: int, steps: int, dtype: str, depthw
 
 
 def flax_trainer_run(
-    batch: int, size: int, steps: int, workdir: Path, cache: Path, env: dict[str, str]
+    model_name: str, batch: int, size: int, steps: int, workdir: Path, cache: Path, env: dict[str, str]
 ) -> tuple[subprocess.Popen, Path]:
     """Starts train.py on the benchmark config; the caller waits (for peak memory)."""
     total = 8 + 8 * -(-steps // 8)
     command = [
         sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs" / "fake_data_benchmark.py"),
-        "--workdir", str(workdir), "--compilation_cache_dir", str(cache),
+        "--workdir", str(workdir), "--compilation_cache_dir", str(cache), f"--config.model={model_name}",
         f"--config.batch_size={batch}", f"--config.eval_batch_size={batch}", f"--config.image_size={size}",
         # One warm-up call of 8 steps (compile and run; the trainer calls 8 steps at a time
         # on CPU), then at least --steps measured ones, all logged at the end.
@@ -350,7 +389,7 @@ def _failure(name: str, status: int, timed_out: bool, args: argparse.Namespace, 
 
 def run_worker(name: str, args: argparse.Namespace, env: dict[str, str] | None = None) -> dict:
     python = args.torch_python if name.startswith("torch") and args.torch_python else sys.executable
-    command = [python, __file__, "--worker", name, "--batch", str(args.batch),
+    command = [python, __file__, "--worker", name, "--model", args.model, "--batch", str(args.batch),
                "--image-size", str(args.image_size), "--steps", str(args.steps), "--device", args.device,
                "--dtype", args.dtype, "--depthwise-impl", args.depthwise_impl,
                "--torch-micro-batch", str(args.torch_micro_batch)]
@@ -367,9 +406,12 @@ def run_worker(name: str, args: argparse.Namespace, env: dict[str, str] | None =
 
 
 def run_trainer(name: str, args: argparse.Namespace, scratch: Path) -> dict:
-    cache = scratch / "jax_cache"  # shared by the two trainer runs: the second one hits it
+    """``scratch``: one folder per repeat, whose compilation cache the repeat's two trainer
+    runs share (``flax_trainer`` fills it, ``flax_trainer_cached`` hits it)."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    cache = scratch / "jax_cache"
     workdir = scratch / name
-    proc, log = flax_trainer_run(args.batch, args.image_size, args.steps, workdir, cache,
+    proc, log = flax_trainer_run(args.model, args.batch, args.image_size, args.steps, workdir, cache,
                                  worker_environment(args.glibc_tunables))
     status, peak, timed_out = _wait_with_peak(proc, args.worker_timeout)
     if status != 0:
@@ -389,6 +431,14 @@ def _peak_fraction(name: str, rate: float, madds: int | None, peak_tflops: float
     return f"{2 * madds * passes * rate / (peak_tflops * 1e12):.2%}"
 
 
+def _spread(result: dict) -> str:
+    """(max - min) / median of a measurement's runs, '-' for a single run."""
+    rates = result.get("runs_images_per_sec", [])
+    if len(rates) < 2:
+        return "-"
+    return f"{(max(rates) - min(rates)) / result['images_per_sec']:.0%}"
+
+
 def _ratio_table(results: dict[str, dict], madds: int | None = None, peak_tflops: float | None = None) -> list[str]:
     """Text table; ratios are against the best PyTorch eager (train) or any (infer) config."""
     measured = {k: v for k, v in results.items() if "images_per_sec" in v}
@@ -401,7 +451,7 @@ def _ratio_table(results: dict[str, dict], madds: int | None = None, peak_tflops
             best[kind] = max(torch_rates.items(), key=lambda kv: kv[1])
     device_memory = any("peak_device_mib" in r for r in measured.values())
     memory_header = f"{'device MiB':>11}" if device_memory else ""
-    rows = [f"{'measurement':<32}{'img/s':>9}{'compile s':>11}{'peak MiB':>10}{memory_header}"
+    rows = [f"{'measurement':<32}{'img/s':>9}{'spread':>8}{'compile s':>11}{'peak MiB':>10}{memory_header}"
             + (f"{'of peak':>9}" if madds and peak_tflops else "") + "  ratio"]
     for name, r in results.items():
         if "images_per_sec" not in r:
@@ -415,7 +465,7 @@ def _ratio_table(results: dict[str, dict], madds: int | None = None, peak_tflops
         memory = f"{r['peak_device_mib']:>11.0f}" if "peak_device_mib" in r else f"{'-':>11}"
         memory = memory if device_memory else ""
         fraction = _peak_fraction(name, r["images_per_sec"], madds, peak_tflops)
-        rows.append(f"{name:<32}{r['images_per_sec']:>9.2f}{compile_s:>11}{r['peak_rss_mib']:>10.0f}{memory}"
+        rows.append(f"{name:<32}{r['images_per_sec']:>9.2f}{_spread(r):>8}{compile_s:>11}{r['peak_rss_mib']:>10.0f}{memory}"
                     + (f"{fraction:>9}" if fraction else "") + f"  {ratio}")
     for name, r in measured.items():
         if r.get("executable_device_mib", float("inf")) < 0.95 * r.get("peak_device_mib", 0):
@@ -428,6 +478,39 @@ def _ratio_table(results: dict[str, dict], madds: int | None = None, peak_tflops
         loop = 1 - results["flax_trainer"]["images_per_sec"] / results["flax_train_step"]["images_per_sec"]
         rows.append(f"training loop overhead over the bare step: {loop:+.1%}")
     return rows
+
+
+def median_result(runs: list[dict]) -> dict:
+    """One measurement's runs as its median run (by images/s; the lower middle one for an
+    even count), with every run's rate kept in ``runs_images_per_sec``. Failed runs are
+    left out; all failed: the last error."""
+    ok = sorted((r for r in runs if "images_per_sec" in r), key=lambda r: r["images_per_sec"])
+    if not ok:
+        return runs[-1]
+    middle = dict(ok[(len(ok) - 1) // 2])
+    middle["runs_images_per_sec"] = [r["images_per_sec"] for r in runs if "images_per_sec" in r]
+    if len(ok) < len(runs):
+        middle["failed_runs"] = len(runs) - len(ok)
+    return middle
+
+
+def _madds_and_peak(args: argparse.Namespace, report: dict) -> tuple[int | None, float | None]:
+    """The model's MAdds and the machine's measured matrix-product rate (bfloat16 on a GPU,
+    float32 on the CPU), for the table's fraction-of-peak column; None where they fail."""
+    madds = peak = None
+    kind = "gpu_matmul_peak" if args.device == "gpu" else "cpu_matmul_peak"
+    try:
+        # Counted on the CPU backend so that this process never holds the GPU.
+        env = {**worker_environment(None), "JAX_PLATFORMS": "cpu"}
+        report["madds"] = madds = run_worker("model_madds", args, env)["madds"]
+        report[kind] = run_worker(kind, args)
+        peak = report[kind]["tflops"]
+        where = report[kind].get("device_name", _machine()["cpu"])
+        print(f"  {'bfloat16' if args.device == 'gpu' else 'float32'} matmul peak: {peak * 1e3:.0f} GFLOP/s on {where}; "
+              f"{madds / 1e6:.1f}M MAdds per image", flush=True)
+    except RuntimeError as e:
+        print(f"  {kind}: {e}", flush=True)
+    return madds, peak
 
 
 def _machine() -> dict:
@@ -451,17 +534,20 @@ def _write_json(path: Path, report: dict) -> None:
 
 def _run_worker_mode(args: argparse.Namespace) -> None:
     if args.worker.startswith("torch"):
-        result = torch_worker(args.worker, args.batch, args.image_size, args.steps, args.device, args.dtype,
-                              args.torch_micro_batch)
+        result = torch_worker(args.worker, args.model, args.batch, args.image_size, args.steps, args.device,
+                              args.dtype, args.torch_micro_batch)
     elif args.worker == "flax_train_step":
-        result = flax_train_step_worker(args.batch, args.image_size, args.steps, args.dtype, args.depthwise_impl)
+        result = flax_train_step_worker(args.model, args.batch, args.image_size, args.steps, args.dtype,
+                                        args.depthwise_impl)
     elif args.worker.startswith("flax_infer"):
-        result = flax_infer_worker(args.worker, args.batch, args.image_size, args.steps, args.device, args.dtype,
-                                   args.depthwise_impl)
+        result = flax_infer_worker(args.worker, args.model, args.batch, args.image_size, args.steps, args.device,
+                                   args.dtype, args.depthwise_impl)
     elif args.worker == "gpu_matmul_peak":
         result = gpu_matmul_peak_worker()
+    elif args.worker == "cpu_matmul_peak":
+        result = cpu_matmul_peak_worker()
     else:
-        result = model_madds_worker()
+        result = model_madds_worker(args.model, args.image_size)
     print(json.dumps(result))
 
 
@@ -484,9 +570,13 @@ def _measurements(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(MODELS), default="mobilenetv2_ca",
+                        help="the registered ca-flax model, timed against its PyTorch counterpart")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--steps", type=int, default=10, help="timed steps after the warm-up ones")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of every measurement (round robin); the table gives their median")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="computation dtype: bfloat16 is PyTorch AMP and ca-flax dtype=bfloat16")
@@ -510,39 +600,36 @@ def main() -> None:
         return
     names = _measurements(args, parser)
 
-    print(f"MobileNetV2+CA, batch {args.batch}, {args.image_size}x{args.image_size}, {args.dtype} on {args.device}, "
-          f"{args.steps} timed steps; {_machine()['cpu']} ({os.cpu_count()} cores); "
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}.")
+
+    print(f"{args.model}, batch {args.batch}, {args.image_size}x{args.image_size}, {args.dtype} on {args.device}, "
+          f"{args.steps} timed steps, median of {args.repeats} run(s); {_machine()['cpu']} ({os.cpu_count()} cores); "
           f"GLIBC_TUNABLES={args.glibc_tunables or '(unset)'}", flush=True)
-    settings = {"batch": args.batch, "image_size": args.image_size, "steps": args.steps, "dtype": args.dtype,
-                "device": args.device, "depthwise_impl": args.depthwise_impl, "glibc_tunables": args.glibc_tunables,
+    settings = {"model": args.model, "batch": args.batch, "image_size": args.image_size, "steps": args.steps,
+                "repeats": args.repeats, "dtype": args.dtype, "device": args.device,
+                "depthwise_impl": args.depthwise_impl, "glibc_tunables": args.glibc_tunables,
                 "torch_python": args.torch_python}
     report = {"settings": settings, "machine": _machine(), "date": time.strftime("%Y-%m-%d"), "results": {}}
-    results: dict[str, dict] = report["results"]
-    madds = peak_tflops = None
-    if args.device == "gpu":
-        # Counted on the CPU backend so that this process never holds the GPU.
-        report["madds"] = madds = run_worker("model_madds", args, {**worker_environment(None), "JAX_PLATFORMS": "cpu"})["madds"]
-        try:
-            report["gpu_matmul_peak"] = run_worker("gpu_matmul_peak", args)
-            peak_tflops = report["gpu_matmul_peak"]["tflops"]
-            print(f"  bfloat16 matmul peak: {peak_tflops:.0f} TFLOP/s on "
-                  f"{report['gpu_matmul_peak'].get('device_name', '?')}", flush=True)
-        except RuntimeError as e:
-            print(f"  gpu_matmul_peak: {e}", flush=True)
+    madds, peak_tflops = _madds_and_peak(args, report)
+    runs: dict[str, list[dict]] = {name: [] for name in names}
     scratch = Path(tempfile.mkdtemp(prefix="ca_flax_compare_"))
     failed = False
     try:
-        for name in names:
-            try:
-                results[name] = run_trainer(name, args, scratch) if name.startswith("flax_trainer") \
-                    else run_worker(name, args)
-                print(f"  {name}: {results[name]['images_per_sec']:.2f} img/s", flush=True)
-            except RuntimeError as e:
-                failed = True
-                results[name] = {"error": str(e)}
-                print(f"  {e}", flush=True)
-            report["table"] = _ratio_table(results, madds, peak_tflops)
-            _write_json(args.out, report)
+        for repeat in range(args.repeats):
+            for name in names:
+                try:
+                    result = run_trainer(name, args, scratch / f"repeat{repeat}") if name.startswith("flax_trainer") \
+                        else run_worker(name, args)
+                    print(f"  [{repeat + 1}/{args.repeats}] {name}: {result['images_per_sec']:.2f} img/s", flush=True)
+                except RuntimeError as e:
+                    failed = True
+                    result = {"error": str(e)}
+                    print(f"  [{repeat + 1}/{args.repeats}] {e}", flush=True)
+                runs[name].append(result)
+                report["results"] = {n: median_result(r) for n, r in runs.items() if r}
+                report["table"] = _ratio_table(report["results"], madds, peak_tflops)
+                _write_json(args.out, report)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -71,3 +71,28 @@ def test_a_measurement_past_its_timeout_is_killed_and_reported(compare):
     quick = subprocess.Popen([sys.executable, "-c", "pass"])
     status, _, timed_out = compare._wait_with_peak(quick, timeout=30)
     assert (status, timed_out) == (0, False)
+
+
+def test_repeats_report_the_median_run_and_keep_every_rate(compare):
+    runs = [{"images_per_sec": 30.0, "compile_s": 3.0, "peak_rss_mib": 900},
+            {"error": "torch_infer_nchw failed (exit 1):\nboom"},
+            {"images_per_sec": 10.0, "compile_s": 1.0, "peak_rss_mib": 700},
+            {"images_per_sec": 20.0, "compile_s": 2.0, "peak_rss_mib": 800}]
+    median = compare.median_result(runs)
+    assert median["images_per_sec"] == 20.0 and median["compile_s"] == 2.0  # the whole median run
+    assert median["runs_images_per_sec"] == [30.0, 10.0, 20.0] and median["failed_runs"] == 1
+    assert compare._spread(median) == "100%"  # (30 - 10) / 20
+    assert compare.median_result(runs[1:2]) == runs[1]  # every run failed: the error
+    assert compare._spread(runs[0]) == "-"
+    table = compare._ratio_table({"torch_infer_nchw": median, "flax_infer_jit": runs[0]})
+    assert "1.50x torch_infer_nchw" in next(row for row in table if row.startswith("flax_infer_jit"))
+
+
+def test_every_model_has_a_pytorch_counterpart(compare):
+    sys.path.insert(0, str(SCRIPT.parent.parent / "tests"))
+    import torch_reference  # noqa: F401  (needs torch; the suite installs it)
+
+    from ca_flax.models import registry
+
+    for name, (cls, _) in compare.MODELS.items():
+        assert name in registry.list_models() and hasattr(torch_reference, cls)

@@ -472,3 +472,59 @@ def test_tfds_prepared_dataset(tiny_tfds):
     labels = np.concatenate([b["label"] for b in batches])
     assert mask.tolist() == [True] * 5 + [False] * 3
     assert sorted(labels[mask].tolist()) == [0, 0, 1, 1, 2]
+
+
+def _torchvision_adjust(image: np.ndarray, factors, order) -> np.ndarray:
+    """torchvision.transforms.functional's float-tensor formulas, written out in numpy."""
+
+    def gray(x):
+        return (0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2])[..., None]
+
+    def blend(x, other, f):
+        return np.clip(f * x + (1 - f) * other, 0, 255)
+
+    steps = (lambda x: blend(x, 0.0, factors[0]), lambda x: blend(x, gray(x).mean(), factors[1]),
+             lambda x: blend(x, gray(x), factors[2]))
+    for which in order:
+        image = steps[which](image)
+    return image
+
+
+@pytest.mark.parametrize("order", preprocess.COLOR_ORDERS)
+def test_color_adjustments_follow_torchvision(order):
+    image = np.random.default_rng(3).uniform(0, 255, (9, 7, 3)).astype(np.float32)
+    factors = (1.3, 0.7, 1.25)
+    out = preprocess.adjust_colors(tf.constant(image), tf.constant(factors), order).numpy()
+    np.testing.assert_allclose(out, _torchvision_adjust(image.astype(np.float64), factors, order), atol=1e-3)
+
+
+def test_color_jitter_is_keyed_and_bounded():
+    image = np.random.default_rng(4).uniform(0, 255, (8, 8, 3)).astype(np.float32)
+    outs = [preprocess.color_jitter(tf.constant(image), tf.constant([s, 1], tf.int64), 0.4).numpy() for s in range(12)]
+    again = preprocess.color_jitter(tf.constant(image), tf.constant([0, 1], tf.int64), 0.4).numpy()
+    np.testing.assert_array_equal(outs[0], again)
+    assert len({o.tobytes() for o in outs}) == len(outs)
+    # Brightness alone moves the mean by at most 40%; the blends keep values in 0..255.
+    for out in outs:
+        assert 0.0 <= out.min() and out.max() <= 255.0
+        assert 0.5 * image.mean() < out.mean() < 1.5 * image.mean()
+
+
+def test_color_jitter_leaves_crops_and_flips_alone():
+    image = np.random.default_rng(5).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    data = tf.constant(encode(image, "png"))
+    for s in range(6):
+        key = tf.constant([s, 9], tf.int64)
+        plain = preprocess.preprocess_train(data, key, 12, AugmentConfig())
+        again = preprocess.preprocess_train(data, key, 12, AugmentConfig(color_jitter=0.0))
+        jittered = preprocess.preprocess_train(data, key, 12, AugmentConfig(color_jitter=0.4))
+        np.testing.assert_array_equal(plain.numpy(), again.numpy())
+        # Same crop and flip: the jittered image is a per-image color change of the plain one,
+        # so its grayscale structure (where it is not clipped) stays correlated.
+        a, b = denormalize(plain.numpy()).mean(-1).ravel(), denormalize(jittered.numpy()).mean(-1).ravel()
+        assert np.corrcoef(a, b)[0, 1] > 0.9
+
+
+def test_color_jitter_strength_is_validated():
+    with pytest.raises(ValueError, match="color_jitter"):
+        AugmentConfig(color_jitter=1.5)

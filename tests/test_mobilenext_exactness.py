@@ -166,3 +166,65 @@ def test_command_line_round_trip_finds_the_layout(tmp_path):
     fresh.load_state_dict({k: torch.from_numpy(v) for k, v in back.items()}, strict=True)
     for key, value in sd.items():
         assert torch.equal(fresh.state_dict()[key], value), key
+
+
+@functools.lru_cache(maxsize=None)
+def _ca_official() -> torch.nn.Module:
+    model = tr.OfficialMobileNeXt(num_classes=10, width_mult=0.25, stage_repeats=TINY_REPEATS, coord_att=True)
+    return tr.randomize_(model, seed=3).eval()
+
+
+def _split_ca(state: dict) -> tuple[dict, dict]:
+    """The CA reference's state dict as the official layout (CA removed, later indices
+    shifted back by one) and, per block index, its CA tensors."""
+    plain, attention = {}, {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[0] == "features" and len(parts) > 4 and parts[2] == "conv":
+            block, index = int(parts[1]), int(parts[3])
+            has_ca = isinstance(_ca_official().features[block].conv[3], tr.CoordAtt)
+            if has_ca and index == 3:
+                attention.setdefault(block, {})[".".join(parts[4:])] = value
+                continue
+            if has_ca and index > 3:
+                key = ".".join(parts[:3] + [str(index - 1)] + parts[4:])
+        plain[key] = value
+    return plain, attention
+
+
+def test_mobilenext_ca_matches_its_pytorch_counterpart():
+    """mobilenext_ca against the PyTorch model the benchmark times (OfficialMobileNeXt with
+    coord_att: the authors' CoordAtt after the first depthwise conv): the same parameter
+    count at width 1.0 and the same logits; the official parts go through the converter,
+    the CA blocks through the MobileNetV2+CA converter's map."""
+    from ca_flax.convert.mobilenetv2 import _CA_PARTS
+    from ca_flax.convert.layouts import ModuleMap, tensor_map, to_flax
+
+    full = tr.OfficialMobileNeXt(num_classes=1000, coord_att=True)
+    flax_full = create_model("mobilenext_ca")
+    shapes = jax.eval_shape(functools.partial(flax_full.init, train=False), jax.random.PRNGKey(0),
+                            jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
+    assert sum(p.numel() for p in full.parameters()) == sum(
+        int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(shapes["params"]))
+
+    reference = _ca_official()
+    plain_state, attention = _split_ca(reference.state_dict())
+    plain, variables, _ = from_torch(plain_state)
+    model = plain.clone(attention="ca")
+    variables = jax.tree_util.tree_map(np.asarray, variables)
+    variables = {k: jax.tree_util.tree_map(np.copy, dict(v)) for k, v in variables.items()}
+    for block, tensors in attention.items():
+        mods = [ModuleMap(t, (f"blocks_{block - 1}", "attention", f), kind) for t, f, kind in _CA_PARTS]
+        for tmap in tensor_map(mods):
+            if tmap.collection is None:
+                continue
+            node = variables[tmap.collection]
+            for name in tmap.path[:-1]:
+                node = node.setdefault(name, {})
+            node[tmap.path[-1]] = to_flax(tmap.transform, tensors[tmap.key].numpy())
+    expected = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
+                              jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
+    assert jax.tree_util.tree_structure(expected) == jax.tree_util.tree_structure(variables)
+    errors = _compare(reference, model, variables, _images(33))
+    assert errors["logits"] < 1e-4, errors
+    assert max(errors.values()) < 5e-4, errors

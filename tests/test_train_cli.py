@@ -23,8 +23,8 @@ import train
 pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # ml_collections loading configs
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = ["configs/default.py", "configs/imagenet_mbv2_ca.py", "configs/gpu8.py", "configs/tpu.py",
-           "configs/fake_data_benchmark.py"]
+CONFIGS = ["configs/default.py", "configs/imagenet_mbv2_ca.py", "configs/imagenet_mobilenext.py", "configs/gpu8.py",
+           "configs/tpu.py", "configs/fake_data_benchmark.py"]
 
 
 def parse(*args: str) -> flags.FlagValues:

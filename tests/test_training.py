@@ -514,23 +514,46 @@ def test_bfloat16_computes_in_bf16_and_keeps_parameters_statistics_and_optimizer
     assert all(jax.tree_util.tree_leaves(changed))
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("gpu8", dict(dtype="bfloat16", batch_size=1024)),
-    ("tpu", dict(dtype="bfloat16")),
-    ("imagenet_mbv2_ca", dict(dtype="float32", batch_size=256, num_epochs=200, momentum=0.9, weight_decay=4e-5)),
+MOBILENEXT_RECIPE = dict(dtype="float32", batch_size=512, num_epochs=200, learning_rate=0.05, momentum=0.9,
+                         weight_decay=1e-4, warmup_epochs=3.0, label_smoothing=0.1, grad_clip_norm=0.0)
+
+
+@pytest.mark.parametrize("name, variant, expected", [
+    ("gpu8", None, dict(dtype="bfloat16", batch_size=1024)),
+    ("tpu", None, dict(dtype="bfloat16")),
+    ("imagenet_mbv2_ca", None, dict(model="mobilenetv2_ca", dtype="float32", batch_size=256, num_epochs=200,
+                                    momentum=0.9, weight_decay=4e-5)),
+    ("imagenet_mobilenext", None, dict(model="mobilenext", **MOBILENEXT_RECIPE)),
+    ("imagenet_mobilenext", "se", dict(model="mobilenext_se", **MOBILENEXT_RECIPE)),
+    ("imagenet_mobilenext", "ca", dict(model="mobilenext_ca", **MOBILENEXT_RECIPE)),
 ])
-def test_preset_configs_load_and_validate(name, expected):
+def test_preset_configs_load_and_validate(name, variant, expected):
     """The presets parse, carry the documented settings and pass every check that needs
     no data (the dataset itself is checked against a real data_dir at run time)."""
     import importlib
 
-    config = importlib.import_module(f"configs.{name}").get_config()
+    from ca_flax.models import registry
+    from ca_flax.training.trainer import _augment, build_model, check_fields
+
+    module = importlib.import_module(f"configs.{name}")
+    config = module.get_config(variant) if variant else module.get_config()
     for key, value in expected.items():
         assert config[key] == value, (name, key)
     assert config.batch_size % 8 == 0  # an 8-device host splits it evenly
-    from ca_flax.training.trainer import build_model
+    check_fields(config)
+    model = build_model(config, num_classes=1000)
+    assert model.num_classes == 1000
+    assert type(model) is type(registry.create_model(config.model))
+    if name == "imagenet_mobilenext":
+        assert model.width_mult == 1.0 and model.attention_position == "first_dw"
+        assert _augment(config).color_jitter == 0.4
 
-    assert build_model(config, num_classes=1000).num_classes == 1000
+
+def test_mobilenext_preset_refuses_an_unknown_variant():
+    from configs import imagenet_mobilenext
+
+    with pytest.raises(ValueError, match="Unknown variant 'cbam'; choose one of"):
+        imagenet_mobilenext.get_config("cbam")
 
 
 # -- the workdir under faults (docs/workdir.md) ----------------------------------------

@@ -175,6 +175,33 @@ def test_se_has_channel_gates_drawn_as_bars_and_cbam_a_spatial_map(kind):
         attention_figure(image, [])
 
 
+@pytest.mark.parametrize("position", ["first_dw", "expand"])
+def test_mobilenext_attention_maps_per_block(position):
+    """Another family through the same functions: every block with a CA block gives a map
+    of its gated feature map's size, named by its stage and output stride."""
+    from ca_flax.models import create_model
+
+    model = create_model("mobilenext_ca", num_classes=10, width_mult=0.25, stage_repeats=(1, 1, 2, 1, 1, 1, 1, 1),
+                         attention_position=position)
+    variables = numpy_variables(model, (1, SIZE, SIZE, 3))
+    images = np.random.default_rng(1).normal(size=(2, SIZE, SIZE, 3)).astype(np.float32)
+    logits, blocks = model_attention(model, variables, images)
+    np.testing.assert_allclose(logits, model.apply(variables, images), rtol=1e-5, atol=1e-5)
+    specs = model.block_specs()
+    with_attention = [f"blocks_{i}" for i, s in enumerate(specs)
+                      if s.plan.case != "first" and (position == "expand" or s.plan.first_dw)]
+    assert [b.name for b in blocks] == with_attention and len(blocks) >= 3
+    for block in blocks:
+        spec = specs[int(block.name.split("_")[1])]
+        assert block.stage == spec.stage and block.kind == "ca" and block.channels is None
+        # Either placement gates a map at the block's input resolution: after the first
+        # depthwise conv (stride 1), or before the closing one (which takes the stride).
+        side = SIZE // block.stride * spec.stride
+        assert block.spatial.shape == (2, side, side)
+        assert np.all((block.spatial > 0) & (block.spatial < 1))
+    attention_figure(np.full((SIZE, SIZE, 3), 0.5, np.float32), blocks)
+
+
 # -- training curves -----------------------------------------------------------------------
 
 

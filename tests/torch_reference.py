@@ -615,7 +615,7 @@ class OfficialSGBlock(nn.Module):
     """
 
     def __init__(self, inp: int, oup: int, stride: int, expand_ratio: int, keep_3x3: bool = False,
-                 identity_div: int = 1):
+                 identity_div: int = 1, coord_att: bool = False):
         super().__init__()
         assert stride in (1, 2)
         hidden_dim = inp // expand_ratio
@@ -644,8 +644,11 @@ class OfficialSGBlock(nn.Module):
             )
         else:
             self.identity = not keep_3x3
+            # coord_att: CA after the first depthwise conv's BN + ReLU6 (the authors' stated
+            # placement; MobileNeXt+CA was never released), shifting later indices by one.
+            attention = [CoordAtt(inp, inp)] if coord_att else []
             self.conv = nn.Sequential(
-                _dw(inp, 1), nn.BatchNorm2d(inp), nn.ReLU6(inplace=False),
+                _dw(inp, 1), nn.BatchNorm2d(inp), nn.ReLU6(inplace=False), *attention,
                 _pw(inp, hidden_dim), nn.BatchNorm2d(hidden_dim),
                 _pw(hidden_dim, oup), nn.BatchNorm2d(oup), nn.ReLU6(inplace=False),
                 _dw(oup, 1), nn.BatchNorm2d(oup),
@@ -671,10 +674,13 @@ class OfficialMobileNeXt(nn.Module):
         identity_div: the shortcut covers the first ``C // identity_div`` channels.
         stage_repeats: blocks per stage (the official ``n`` column by default; the
             stage's ``keep_3x3`` stays the table's, as in ca-flax).
+        coord_att: MobileNeXt+CA as ca-flax's ``mobilenext_ca`` builds it (CA after the
+            first depthwise conv of every block that has one, the first block excepted);
+            not an official model: the benchmarks' PyTorch side of that comparison.
     """
 
     def __init__(self, num_classes: int = 1000, width_mult: float = 1.0, identity_div: int = 1,
-                 stage_repeats: Optional[Sequence[int]] = None):
+                 stage_repeats: Optional[Sequence[int]] = None, coord_att: bool = False):
         super().__init__()
         divisor = 4 if width_mult == 0.1 else 8
         input_channel = make_divisible(32 * width_mult, divisor)
@@ -684,10 +690,11 @@ class OfficialMobileNeXt(nn.Module):
             output_channel = make_divisible(c * width_mult, divisor)
             if c == 1280 and width_mult < 1:
                 output_channel = 1280
-            layers.append(OfficialSGBlock(input_channel, output_channel, s, t, n == 1 and s == 1, identity_div))
+            attend = coord_att and t != 2
+            layers.append(OfficialSGBlock(input_channel, output_channel, s, t, n == 1 and s == 1, identity_div, attend))
             input_channel = output_channel
             for _ in range(count - 1):
-                layers.append(OfficialSGBlock(input_channel, output_channel, 1, t, False, identity_div))
+                layers.append(OfficialSGBlock(input_channel, output_channel, 1, t, False, identity_div, attend))
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(input_channel, num_classes))

@@ -25,6 +25,9 @@ class AugmentConfig:
         center-crops ``image_size`` (0.875: 256 -> 224, the standard ImageNet protocol).
       resize_method: ``'bilinear'`` or ``'bicubic'`` (antialiased when downscaling).
       max_attempts: tries of the crop sampler before falling back to a center crop.
+      color_jitter: strength ``s`` of a random brightness, contrast and saturation change
+        in training, each by a factor drawn from ``[1 - s, 1 + s]`` and applied in random
+        order (torchvision's ``ColorJitter(s, s, s)``, timm's ``--color-jitter``); 0: none.
     """
 
     area_range: tuple[float, float] = (0.08, 1.0)
@@ -33,6 +36,7 @@ class AugmentConfig:
     eval_crop_fraction: float = 0.875
     resize_method: str = "bilinear"
     max_attempts: int = 10
+    color_jitter: float = 0.0
 
     def __post_init__(self):
         lo, hi = self.area_range
@@ -47,6 +51,8 @@ class AugmentConfig:
             raise ValueError(f"resize_method must be one of {RESIZE_METHODS}, got {self.resize_method!r}.")
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}.")
+        if not 0.0 <= self.color_jitter < 1.0:
+            raise ValueError(f"color_jitter must be in [0, 1) (0.4 is timm's usual strength), got {self.color_jitter}.")
 
 
 # Handwritten digits: a flip changes the class (2 vs 5 ...) and the images are tiny (8x8,

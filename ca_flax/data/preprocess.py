@@ -1,7 +1,7 @@
 """Image preprocessing on encoded bytes: one code path for every source and format.
 
 Train: an Inception-style random resized crop (``stateless_sample_distorted_bounding_box``),
-resize, optional horizontal flip, normalization. Eval: the central
+resize, optional horizontal flip, optional color jitter, normalization. Eval: the central
 ``eval_crop_fraction * min(h, w)`` square, resized to ``image_size`` (the same as resizing
 the shorter side to ``image_size / eval_crop_fraction`` and center-cropping, as in flax's
 ImageNet example with ``CROP_PADDING = 32``), normalization.
@@ -105,6 +105,49 @@ def resize(image: tf.Tensor, image_size: int, method: str = "bilinear") -> tf.Te
     return image
 
 
+# ITU-R 601 luma, the weights torchvision's rgb_to_grayscale uses.
+_LUMA = (0.299, 0.587, 0.114)
+# The six orders of (brightness, contrast, saturation): torchvision draws one per image.
+COLOR_ORDERS = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
+
+
+def _grayscale(image: tf.Tensor) -> tf.Tensor:
+    return tf.reduce_sum(image * tf.constant(_LUMA, tf.float32), axis=-1, keepdims=True)
+
+
+def _blend(image: tf.Tensor, other: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    """``factor * image + (1 - factor) * other``, clipped to 0..255 (torchvision's ``_blend``)."""
+    return tf.clip_by_value(factor * image + (1.0 - factor) * other, 0.0, 255.0)
+
+
+def adjust_colors(image: tf.Tensor, factors: tf.Tensor, order: tuple[int, int, int]) -> tf.Tensor:
+    """Brightness, contrast and saturation by ``factors[0..2]``, applied in ``order``.
+
+    As torchvision's ``adjust_brightness`` (blend with black), ``adjust_contrast`` (with
+    the mean gray level) and ``adjust_saturation`` (with the grayscale image), each
+    clipped to 0..255.
+    """
+    adjust = (
+        lambda x: _blend(x, tf.zeros_like(x), factors[0]),
+        lambda x: _blend(x, tf.reduce_mean(_grayscale(x)), factors[1]),
+        lambda x: _blend(x, _grayscale(x), factors[2]),
+    )
+    for which in order:
+        image = adjust[which](image)
+    return image
+
+
+def color_jitter(image: tf.Tensor, key: tf.Tensor, strength: float) -> tf.Tensor:
+    """torchvision's ``ColorJitter(strength, strength, strength)`` on a float 0..255 RGB image:
+    :func:`adjust_colors` with factors drawn uniformly from ``[1 - strength, 1 + strength]``
+    in one of the six orders drawn at random; a pure function of ``(image, key)``."""
+    factor_key, order_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+    factors = tf.random.stateless_uniform([3], factor_key, 1.0 - strength, 1.0 + strength)
+    which = tf.random.stateless_uniform([], order_key, 0, len(COLOR_ORDERS), dtype=tf.int32)
+    branches = [lambda order=order: adjust_colors(image, factors, order) for order in COLOR_ORDERS]
+    return tf.switch_case(which, branches)
+
+
 def normalize(image: tf.Tensor) -> tf.Tensor:
     """Subtracts the ImageNet mean and divides by its std (both on the 0..255 scale)."""
     image = tf.cast(image, tf.float32)
@@ -112,15 +155,18 @@ def normalize(image: tf.Tensor) -> tf.Tensor:
 
 
 def preprocess_train(image_bytes: tf.Tensor, key: tf.Tensor, image_size: int, augment: AugmentConfig) -> tf.Tensor:
-    """Random resized crop, resize, optional flip, normalize: float32 ``[image_size, image_size, 3]``.
+    """Random resized crop, resize, optional flip and color jitter, normalize: float32
+    ``[image_size, image_size, 3]``.
 
     Args:
       image_bytes: a scalar string tensor, the encoded image (JPEG, PNG, GIF or BMP).
       key: ``[2]`` int64 stateless seed; the output is a pure function of (bytes, key).
       image_size: output side.
-      augment: crop ranges, flip, resize method.
+      augment: crop ranges, flip, color jitter, resize method.
     """
     crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+    # Folded in, not split off: turning jitter on leaves the crops and flips as they were.
+    jitter_key = tf.random.experimental.stateless_fold_in(key, 2)
 
     def window_fn(shape: tf.Tensor) -> tf.Tensor:
         return random_crop_window(shape, crop_key, augment.area_range, augment.aspect_range, augment.max_attempts)
@@ -128,6 +174,8 @@ def preprocess_train(image_bytes: tf.Tensor, key: tf.Tensor, image_size: int, au
     image = resize(decode_and_crop(image_bytes, window_fn), image_size, augment.resize_method)
     if augment.flip:
         image = tf.image.stateless_random_flip_left_right(image, seed=flip_key)
+    if augment.color_jitter:
+        image = color_jitter(image, jitter_key, augment.color_jitter)
     return normalize(image)
 
 

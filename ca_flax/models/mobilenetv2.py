@@ -4,7 +4,7 @@ Coordinate Attention paper: one configurable module covers the paper's baseline,
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +39,16 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
     if rounded < 0.9 * value:
         rounded += divisor
     return rounded
+
+
+class BlockSpec(NamedTuple):
+    """One inverted residual of a :class:`MobileNetV2`: its stage, output width, stride and
+    expansion ``t``."""
+
+    stage: int
+    out_channels: int
+    stride: int
+    expansion: int
 
 
 class InvertedResidual(nn.Module):
@@ -156,12 +166,12 @@ class MobileNetV2(Backbone):
         return make_divisible(1280 * self.width_mult, self.divisor) if self.width_mult > 1.0 else 1280
 
     @nn.nowrap
-    def block_specs(self) -> list[tuple[int, int, int, int]]:
-        """``(stage, out_channels, stride, expansion)`` of every inverted residual, in order."""
+    def block_specs(self) -> list[BlockSpec]:
+        """Every inverted residual, in order."""
         specs = []
         for stage, ((t, c, _, s), n) in enumerate(zip(STAGES, self.stage_repeats)):
             out = make_divisible(c * self.width_mult, self.divisor)
-            specs.extend((stage, out, s if i == 0 else 1, t) for i in range(n))
+            specs.extend(BlockSpec(stage, out, s if i == 0 else 1, t) for i in range(n))
         return specs
 
     # -- network ----------------------------------------------------------------------

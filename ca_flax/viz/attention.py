@@ -30,8 +30,8 @@ class BlockAttention:
 
     Attributes:
       name: the block's module name (``'blocks_3'``).
-      stage: its MobileNetV2 stage (0-6).
-      stride: input pixels per feature-map pixel at the block.
+      stage: its stage (MobileNetV2 0-6, MobileNeXt 0-7).
+      stride: input pixels per feature-map pixel at the block's output.
       kind: ``'ca'``, ``'cbam'`` or ``'se'``.
       spatial: ``(N, h, w)`` spatial map in [0, 1] (None for SE).
       channels: ``(N, C)`` channel gates (None for CA).
@@ -82,14 +82,19 @@ def gate_recorder(model: Any) -> Any:
 
 
 def block_attention(model: Any, intermediates: Mapping[str, Any]) -> list[BlockAttention]:
-    """The attention of every block of a MobileNetV2 that has one, in network order."""
+    """The attention of every block that has one, in network order, for any family whose
+    ``block_specs()`` gives each block's ``stage`` and ``stride`` (MobileNetV2, MobileNeXt).
+
+    ``stride`` is the block's output stride: in a MobileNeXt block whose attention sits
+    before the closing stride-2 depthwise conv, the gated map is at half that stride
+    (the map's own size tells)."""
     found = []
     stride = 2  # the stem
-    for i, (stage, _, block_stride, _) in enumerate(model.block_specs()):
-        stride *= block_stride
+    for i, spec in enumerate(model.block_specs()):
+        stride *= spec.stride
         gates = intermediates.get(f"blocks_{i}", {}).get("attention")
         if gates:
-            found.append(BlockAttention(f"blocks_{i}", stage, stride, model.attention, spatial_map(gates),
+            found.append(BlockAttention(f"blocks_{i}", spec.stage, stride, model.attention, spatial_map(gates),
                                         channel_gates(gates)))
     return found
 
