@@ -36,10 +36,11 @@ from ca_flax.models import create_model
 LAYER_TYPES = [
     ("depthwise unit (native)", r"/fused_depthwise_unit"),
     ("stem unit (native)", r"/fused_dense_unit"),
-    ("depthwise 3x3 conv", r"/depthwise/conv"),
+    ("depthwise 3x3 conv", r"/(depthwise|dw[12])/conv"),
     ("coordinate attention", r"/attention/"),
     ("BatchNorm + activation", r"/bn/"),
-    ("1x1 conv (matmul)", r"/(expand|project|head)(\.convolve)?/conv"),
+    # MobileNetV2's expand / project / head, MobileNeXt's pw1 / pw2.
+    ("1x1 conv (matmul)", r"/(expand|project|head|pw[12])(\.convolve)?/conv"),
     ("stem 3x3 conv", r"/stem/conv"),
     ("classifier", r"/classifier"),
 ]

@@ -52,3 +52,24 @@ def numpy_variables(model, input_shape, seed: int = 0) -> dict:
         return jnp.asarray(0.1 * gen.standard_normal(leaf.shape), leaf.dtype)
 
     return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+# -- train.py end to end (tests/train_runs.py) -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """A persistent compilation cache per test module (its train.py runs share it)."""
+    return tmp_path_factory.mktemp("jax_cache")
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, cache) -> Path:
+    """One uninterrupted tiny train.py run (tests/train_runs.py's TINY) every other run of
+    the module is compared with."""
+    from train_runs import run_train
+
+    workdir = tmp_path_factory.mktemp("baseline") / "wd"
+    result = run_train(workdir, cache=cache)
+    assert "Done: 8 steps" in result.stdout
+    return workdir

@@ -1,10 +1,10 @@
 """The trainer: optimizer and steps in-process; train.py end to end in subprocesses
-(resume after SIGKILL, SIGTERM, Ctrl-C, NaN, 8 devices, 2 processes, evaluation) and the
-workdir under faults (another model or optimizer, a held workdir, an unreadable
-checkpoint, a finished run; docs/workdir.md).
+(resume after SIGKILL, SIGTERM, Ctrl-C, NaN, evaluation, pictures), bfloat16 and the
+preset configs. 8 devices and 2 processes: tests/test_training_parallel.py; the workdir
+under faults: tests/test_workdir_faults.py.
 
-The end-to-end runs share one tiny configuration and one persistent compilation cache,
-so only the first run pays for compiling.
+The end-to-end runs share one tiny configuration (tests/train_runs.py) and one
+persistent compilation cache, so only the first run pays for compiling.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import re
 import socket
@@ -31,23 +30,7 @@ import pytest
 from ca_flax.training import optim, parallel
 from ca_flax.training.steps import cross_entropy, eval_step, top_k_correct
 
-REPO = Path(__file__).resolve().parents[1]
-
-# A tiny run: 8 steps of batch 16 on digits at 64x64, in float64. A tiny network at a
-# tiny batch is chaotic: float32 rounding differences between 1 and 8 devices grow to
-# percents within a few steps, and at 32x32 (1x1 maps in the last stages) even float64's
-# do. At 64x64 in float64 the losses of 1 and 8 devices were equal to all printed digits
-# for 9 steps, then 1e-8, 1e-7, 1e-4 apart at steps 10, 11, 12: so 8 steps. One block per
-# stage: each subprocess compiles the network, and depth is what compiling costs.
-X64 = {"JAX_ENABLE_X64": "1"}
-TINY = [
-    "--config.dtype=float64", "--config.param_dtype=float64",
-    "--config.model_kwargs.width_mult=0.25", "--config.model_kwargs.stage_repeats=1,1,1,1,1,1,1",
-    "--config.image_size=64", "--config.batch_size=16", "--config.eval_batch_size=64",
-    "--config.num_train_steps=8", "--config.log_every_steps=2", "--config.eval_every_steps=4",
-    "--config.checkpoint_every_steps=2", "--config.keep_checkpoints=2", "--config.learning_rate=0.1",
-]
-
+from train_runs import REPO, TINY, X64, error_line, final_variables, read_metrics, run_train
 
 # -- in-process units -------------------------------------------------------------------
 
@@ -222,44 +205,6 @@ def test_validate_config_names_the_field_the_value_and_what_is_allowed(field, va
 # -- train.py end to end ---------------------------------------------------------------
 
 
-def run_train(workdir: Path, *flags: str, cache: Path, env: dict | None = None, check: bool = True,
-              timeout: int = 400) -> subprocess.CompletedProcess:
-    """Runs ``python train.py`` as a user would."""
-    cmd = [sys.executable, str(REPO / "train.py"), f"--workdir={workdir}", f"--compilation_cache_dir={cache}",
-           *TINY, *flags]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, **X64, **(env or {})})
-    if check and result.returncode != 0:
-        raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
-
-
-def final_variables(workdir: Path) -> dict:
-    from ca_flax.checkpoints import restore
-
-    _, variables, step = restore(workdir)
-    assert step == 8
-    return variables
-
-
-def read_metrics(workdir: Path) -> list[dict]:
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("jax_cache")
-
-
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory, cache) -> Path:
-    """One uninterrupted run every other run is compared with."""
-    workdir = tmp_path_factory.mktemp("baseline") / "wd"
-    result = run_train(workdir, cache=cache)
-    assert "Done: 8 steps" in result.stdout
-    return workdir
-
-
 def test_run_writes_metrics_checkpoints_and_events(baseline):
     lines = read_metrics(baseline)
     train = [m for m in lines if "train_loss" in m]
@@ -365,13 +310,6 @@ def read_until(proc: subprocess.Popen, prefix: str) -> str:
     raise AssertionError(f"the run ended before printing {prefix!r}:\n{''.join(seen)[-3000:]}")
 
 
-def error_line(result: subprocess.CompletedProcess) -> str:
-    """The one ``error: ...`` line of a refused train.py."""
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, result.stderr[-3000:]
-    return lines[0]
-
-
 def test_ctrl_c_and_sigterm_save_and_exit_cleanly_and_a_held_workdir_is_refused(cache, tmp_path):
     """Ctrl-C used to die with a traceback, leave its save unfinished forever and lose the
     steps since the last checkpoint; a second run in the same workdir used to train too,
@@ -437,56 +375,6 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     assert all(s < bad_step for s in saved)
 
 
-def test_eight_devices_match_one_device(baseline, cache, tmp_path):
-    workdir = tmp_path / "wd"
-    run_train(workdir, cache=cache, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
-    assert_same_run(baseline, workdir)
-
-
-def assert_same_run(expected: Path, actual: Path) -> None:
-    """Same losses and evaluation to float64 rounding, same parameters to float tolerance.
-
-    Measured: the losses agree to 2e-8 (relative) through step 8. Parameters are 1e-7
-    apart with 8 devices and up to 4e-4 with 2 processes: the reduction order differs and
-    a few weights of this tiny net are very sensitive, though the loss barely sees them.
-    A per-device BatchNorm or a wrong data shard moves the losses by 1e-2 or more.
-    """
-    metrics = lambda wd, key: [m[key] for m in read_metrics(wd) if key in m]  # noqa: E731
-    for key in ("train_loss", "train_top1", "eval_loss", "eval_top1"):
-        np.testing.assert_allclose(metrics(expected, key), metrics(actual, key), rtol=1e-6, err_msg=key)
-    for a, b in zip(jax.tree_util.tree_leaves(final_variables(expected)), jax.tree_util.tree_leaves(final_variables(actual))):
-        np.testing.assert_allclose(a, b, rtol=1e-2, atol=2e-3)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_match_one_process(baseline, cache, tmp_path):
-    workdir = tmp_path / "wd"
-    address = f"localhost:{_free_port()}"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(REPO / "train.py"), f"--workdir={workdir}", f"--compilation_cache_dir={cache}", *TINY,
-             f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **X64},
-        )
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=400)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
-    assert "in 2 process(es)" in outputs[0]
-    assert_same_run(baseline, workdir)
-    # Process 0 alone writes the workdir's files; process 1 only its share of each checkpoint.
-    assert sorted(p.name for p in workdir.iterdir()) == [".lock", "checkpoints", "curves.png", "metrics.jsonl",
-                                                         "model.json", "tensorboard"]
-    assert len(list((workdir / "tensorboard").iterdir())) == 1
-    lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == len(set(lines)) == len(read_metrics(baseline))
-
-
 def test_bfloat16_computes_in_bf16_and_keeps_parameters_statistics_and_optimizer_in_float32():
     from conftest import numpy_variables
 
@@ -497,6 +385,7 @@ def test_bfloat16_computes_in_bf16_and_keeps_parameters_statistics_and_optimizer
 
     config = _config(dtype="bfloat16", model="mobilenetv2_ca", warmup_epochs=0.0)
     config.model_kwargs.width_mult = 0.25
+    config.model_kwargs.stage_repeats = (1,) * 7  # every kind of block, a third of the compile
     model = build_model(config, num_classes=10)
     variables = numpy_variables(model, (1, 32, 32, 3))
     tx = create_optimizer(config, learning_rate_schedule(config, 10, 10))
@@ -554,127 +443,3 @@ def test_mobilenext_preset_refuses_an_unknown_variant():
 
     with pytest.raises(ValueError, match="Unknown variant 'cbam'; choose one of"):
         imagenet_mobilenext.get_config("cbam")
-
-
-# -- the workdir under faults (docs/workdir.md) ----------------------------------------
-
-
-def workdir_files(workdir: Path) -> dict[str, bytes]:
-    """Every file of ``workdir`` with its bytes: a refused run must leave them all as they were."""
-    return {str(p.relative_to(workdir)): p.read_bytes() for p in sorted(workdir.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture
-def baseline_copy(baseline, tmp_path) -> Path:
-    workdir = tmp_path / "wd"
-    shutil.copytree(baseline, workdir)
-    return workdir
-
-
-def tiny_config(**overrides) -> ml_collections.ConfigDict:
-    """TINY as an in-process config, in float32 (64-bit JAX is off here; the baseline's
-    float64 checkpoints restore cast)."""
-    config = _config()
-    for flag in TINY:
-        path, value = flag[len("--config."):].split("=")
-        *parents, name = path.split(".")
-        field = config
-        for parent in parents:
-            field = field[parent]
-        if "," in value:
-            field[name] = tuple(int(v) for v in value.split(","))
-        else:
-            field[name] = type(field[name])(value)
-    config.update(dtype="float32", param_dtype="float32", **overrides)
-    return config
-
-
-def no_compile(*args, **kwargs):
-    raise AssertionError("compiled, though the run had to stop before")
-
-
-def test_a_rerun_with_another_model_is_refused_and_changes_nothing(baseline_copy, cache):
-    """It used to write model.json first, and Orbax then refused with a 1,158-line tree
-    diff suggesting strict=False; the workdir then restored into the wrong model."""
-    before = workdir_files(baseline_copy)
-    result = run_train(baseline_copy, "--config.model_kwargs.width_mult=0.5", "--config.model=mobilenetv2_se", cache=cache,
-                       check=False, timeout=120)
-    assert result.returncode == 2, result.stderr[-3000:]
-    message = error_line(result)
-    for part in (f"{baseline_copy} holds checkpoints of another model than this run's",
-                 'attention "ca" there, "se" in this run', "width_mult 0.25 there, 0.5 in this run",
-                 "another --workdir", "--config.model=mobilenetv2_ca --config.model_kwargs.width_mult=0.25"):
-        assert part in message, message
-    assert "strict" not in result.stderr and "partial_restore" not in result.stderr
-    assert workdir_files(baseline_copy) == before
-
-
-def test_a_resume_the_optimizer_state_does_not_fit_is_refused_before_compiling(baseline_copy, monkeypatch):
-    """An optimizer whose clipping adds a state to the chain (the real grad_clip_norm keeps
-    the state as it is), switched to another threshold, so the saved state no longer fits."""
-    from ca_flax.training import trainer
-
-    def create_optimizer(config, schedule):
-        tx = optim.create_optimizer(config, schedule)
-        return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx) if config.get("grad_clip_norm") else tx
-
-    monkeypatch.setattr(trainer, "create_optimizer", create_optimizer)
-    monkeypatch.setattr(trainer, "initial_variables", no_compile)
-    monkeypatch.setattr(trainer, "_compile", no_compile)
-    config = tiny_config(num_train_steps=16)
-    config.grad_clip_norm = 1.0
-    before = workdir_files(baseline_copy)
-    with pytest.raises(ValueError, match=r"checkpoints/8 holds a training state this run cannot continue: its "
-                                         r"opt_state differs from this run's \(missing opt_state/1/"
-                                         r".*The settings changed: grad_clip_norm \S+ there, 1.0 in this run\. "
-                                         r".*nothing was changed\. Use another --workdir"):
-        trainer.train_and_evaluate(config, baseline_copy)
-    assert workdir_files(baseline_copy) == before
-
-
-def test_a_rerun_of_a_finished_run_trains_nothing_and_changes_nothing(baseline_copy, cache, monkeypatch, capsys):
-    """It used to print "step 8 of 4", then "Done"."""
-    from ca_flax.training import trainer
-
-    before = workdir_files(baseline_copy)
-    result = run_train(baseline_copy, "--config.num_train_steps=4", cache=cache, timeout=120)
-    assert (f"{baseline_copy} already holds step 8, past this run's 4 steps: nothing to train. Use another --workdir "
-            "or raise num_train_steps") in result.stdout
-    assert "Resumed" not in result.stdout and "Done" not in result.stdout
-    assert workdir_files(baseline_copy) == before
-
-    monkeypatch.setattr(trainer, "initial_variables", no_compile)
-    monkeypatch.setattr(trainer, "_compile", no_compile)
-    last_eval = trainer.train_and_evaluate(tiny_config(), baseline_copy)  # exactly at the last step
-    assert "already holds step 8, this run's last: nothing to train" in capsys.readouterr().out
-    assert last_eval == pytest.approx({k: v for k, v in read_metrics(baseline_copy)[-1].items() if k != "step"} | {
-        "eval_examples": 360})
-    assert workdir_files(baseline_copy) == before
-
-
-def test_an_invalid_config_field_is_one_line_exit_2_before_anything(cache, tmp_path):
-    """eval_batch_size=0 used to train, then crash at the first evaluation, unsaved."""
-    result = run_train(tmp_path / "wd", "--config.eval_batch_size=0", cache=cache, check=False, timeout=120)
-    assert result.returncode == 2 and error_line(result) == "error: eval_batch_size must be a positive integer, got 0."
-    assert not (tmp_path / "wd").exists()
-
-
-def test_an_unreadable_newest_checkpoint_is_set_aside_and_the_run_resumes_before_it(baseline, baseline_copy, cache):
-    """A garbled file of the newest step used to stop the run with 150 lines of TensorStore."""
-    from ca_flax.checkpoints import CheckpointWarning, restore
-
-    for data in (baseline_copy / "checkpoints" / "8" / "state").rglob("d/*"):
-        data.write_bytes(b"garbage")
-    with pytest.warns(CheckpointWarning, match=r"skipped unreadable step 8 \(ValueError: .*\); read step 6 instead"):
-        assert restore(baseline_copy)[2] == 6  # evaluation falls back too, changing nothing
-
-    result = run_train(baseline_copy, cache=cache)
-    assert "warning: checkpoint step 8 is unreadable (ValueError: " in result.stdout
-    assert f"moved it to {baseline_copy / 'checkpoints' / '8.corrupt'}" in result.stdout
-    assert f"Resumed from {baseline_copy / 'checkpoints' / '6'}" in result.stdout
-    assert "tensorstore_spec" not in result.stderr and "Traceback" not in result.stderr
-    kept = {p.name for p in (baseline_copy / "checkpoints").iterdir()}
-    assert {"6", "8", "8.corrupt"} <= kept  # the intact ones stay; the bad one is kept aside, out of the count
-    for a, b in zip(jax.tree_util.tree_leaves(final_variables(baseline)),
-                    jax.tree_util.tree_leaves(final_variables(baseline_copy))):
-        np.testing.assert_array_equal(a, b)  # steps 7 and 8 trained again, exactly

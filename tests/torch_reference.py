@@ -658,8 +658,7 @@ class OfficialSGBlock(nn.Module):
         out = self.conv(x)
         if self.identity:
             k = x.shape[1] // self.identity_div
-            out = out.clone()
-            out[:, :k] = out[:, :k] + x[:, :k]
+            out[:, :k] += x[:, :k]  # in place, as the official forward (the BN output is not saved)
         return out
 
 
