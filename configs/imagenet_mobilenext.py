@@ -34,7 +34,7 @@ def get_config(variant: str = "baseline") -> ml_collections.ConfigDict:
         {"area_range": (0.08, 1.0), "aspect_range": (0.75, 1.3333), "flip": True, "color_jitter": 0.4}
     )
     config.batch_size = 512  # 64 per GPU on 8 GPUs
-    config.eval_batch_size = 500
+    config.eval_batch_size = 512  # power-of-two device counts divide it; the last batch is padded
     config.num_epochs = 200
     config.learning_rate = 0.05  # per 256: 0.1 at batch 512
     config.momentum = 0.9

@@ -428,7 +428,7 @@ def test_preset_configs_load_and_validate(name, variant, expected):
     config = module.get_config(variant) if variant else module.get_config()
     for key, value in expected.items():
         assert config[key] == value, (name, key)
-    assert config.batch_size % 8 == 0  # an 8-device host splits it evenly
+    assert config.batch_size % 8 == 0 and config.eval_batch_size % 8 == 0  # an 8-device host splits them evenly
     check_fields(config)
     model = build_model(config, num_classes=1000)
     assert model.num_classes == 1000
