@@ -12,10 +12,10 @@ they do not share cores), and reports images/s, compile (or first-call) seconds 
 process's peak resident memory from ``wait4``: the whole process, framework included, as
 a user would see it. ``--repeats N`` (default 3) runs the whole list N times over, round
 robin (so a slow spell of the machine falls on every measurement alike), and reports
-each measurement's median, with every run kept in the JSON. All of them run under the same allocator setting: glibc's default,
-or ``--glibc-tunables glibc.malloc.hugetlb=1`` (transparent huge pages for ``malloc``,
-which sped up PyTorch's inference by half on this machine) for every process. The
-PyTorch model (``--model``) is from ``tests/torch_reference.py``: ``OfficialMBV2CA``, the
+each measurement's median, with every run kept in the JSON. All of them run under the
+same allocator setting: glibc's default, or ``--glibc-tunables glibc.malloc.hugetlb=1``
+(transparent huge pages for ``malloc``, which sped up PyTorch's inference by half on
+this machine) for every process. The PyTorch model (``--model``) is from ``tests/torch_reference.py``: ``OfficialMBV2CA``, the
 authors' MobileNetV2+CA with the released code's module structure; ``OfficialMobileNeXt``,
 the official MobileNeXt; and for ``mobilenext_ca`` the same with the authors' ``CoordAtt``
 after the first depthwise conv (MobileNeXt+CA was never released; the tests check it
@@ -506,7 +506,8 @@ def _madds_and_peak(args: argparse.Namespace, report: dict) -> tuple[int | None,
         report[kind] = run_worker(kind, args)
         peak = report[kind]["tflops"]
         where = report[kind].get("device_name", _machine()["cpu"])
-        print(f"  {'bfloat16' if args.device == 'gpu' else 'float32'} matmul peak: {peak * 1e3:.0f} GFLOP/s on {where}; "
+        rate = f"{peak:.0f} TFLOP/s" if peak >= 10 else f"{peak * 1e3:.0f} GFLOP/s"
+        print(f"  {'bfloat16' if args.device == 'gpu' else 'float32'} matmul peak: {rate} on {where}; "
               f"{madds / 1e6:.1f}M MAdds per image", flush=True)
     except RuntimeError as e:
         print(f"  {kind}: {e}", flush=True)
