@@ -43,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
     # 64, not 32: at 32 the last stages are 1x1 and 2x2 and SGD above lr 0.05 diverges.
     config.image_size = 64
     config.augment = ml_collections.ConfigDict(
-        {"area_range": (0.6, 1.0), "aspect_range": (0.75, 1.3333), "flip": False}
+        {"area_range": (0.6, 1.0), "aspect_range": (0.75, 1.3333), "flip": False, "color_jitter": 0.0}
     )
 
     # Optimization (SGD with momentum, cosine schedule, learning rate given for batch 256).

@@ -27,7 +27,7 @@ def get_config(variant: str = "ca") -> ml_collections.ConfigDict:
     config.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS dir with prepared imagenet2012, local or gs://
     config.image_size = 224
     config.augment = ml_collections.ConfigDict(
-        {"area_range": (0.08, 1.0), "aspect_range": (0.75, 1.3333), "flip": True}
+        {"area_range": (0.08, 1.0), "aspect_range": (0.75, 1.3333), "flip": True, "color_jitter": 0.0}
     )
     config.batch_size = 256
     config.eval_batch_size = 512  # power-of-two device counts divide it; the last batch is padded
