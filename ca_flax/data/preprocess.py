@@ -165,8 +165,6 @@ def preprocess_train(image_bytes: tf.Tensor, key: tf.Tensor, image_size: int, au
       augment: crop ranges, flip, color jitter, resize method.
     """
     crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
-    # Folded in, not split off: turning jitter on leaves the crops and flips as they were.
-    jitter_key = tf.random.experimental.stateless_fold_in(key, 2)
 
     def window_fn(shape: tf.Tensor) -> tf.Tensor:
         return random_crop_window(shape, crop_key, augment.area_range, augment.aspect_range, augment.max_attempts)
@@ -175,7 +173,8 @@ def preprocess_train(image_bytes: tf.Tensor, key: tf.Tensor, image_size: int, au
     if augment.flip:
         image = tf.image.stateless_random_flip_left_right(image, seed=flip_key)
     if augment.color_jitter:
-        image = color_jitter(image, jitter_key, augment.color_jitter)
+        # Folded in, not split off: turning jitter on leaves the crops and flips as they were.
+        image = color_jitter(image, tf.random.experimental.stateless_fold_in(key, 2), augment.color_jitter)
     return normalize(image)
 
 
