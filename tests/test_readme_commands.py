@@ -1,7 +1,7 @@
 """The README's train.py commands, read from README.md's Training section, as typed.
 
 Every line of its ``bash`` blocks that starts with ``python train.py`` is parsed in-process
-(train.parse_flags, as app.run calls it), so a command whose flags or config fields
+(cli.parse_flags, as app.run calls it), so a command whose flags or config fields
 cannot be parsed fails here. Then a command per kind of data runs as a real process, with
 tiny sizes, a temporary workdir and the test's data appended (a later flag overrides an
 earlier one): an image folder and a prepared TFDS 'mnist', both made here (offline),
@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from absl import flags
 
-import train
+from ca_flax.training import cli
 
 pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
 
@@ -49,7 +49,7 @@ def command_args(command: str) -> list[str]:
 
 def parsed(command: str) -> flags.FlagValues:
     flag_values = flags.FlagValues()
-    train.parse_flags(["train.py", *command_args(command)], flag_values)
+    cli.parse_flags(["train.py", *command_args(command)], flag_values)
     return flag_values
 
 
@@ -74,10 +74,10 @@ def test_every_readme_command_parses_as_typed(command, monkeypatch):
             parsed(command)
         assert exit_.value.code == 0
         return
-    fields = dict(train.config_fields(parsed(command).config))
+    fields = dict(cli.config_fields(parsed(command).config))
     for arg in command_args(command):  # each --config.FIELD=VALUE reached the config
         if match := re.match(r"--config\.([\w.]+)=(.*)", arg):
-            assert train.command_line_value(fields[match.group(1)]) == match.group(2)
+            assert cli.command_line_value(fields[match.group(1)]) == match.group(2)
 
 
 def first_command(of_kind: str) -> str:

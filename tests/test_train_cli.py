@@ -1,7 +1,7 @@
 """train.py's command line: every config field settable as a flag, one-line errors, --help,
 the workdir checks and undecodable images naming their file.
 
-Flag parsing runs in-process through ``train.parse_flags`` (what ``app.run`` calls), on a
+Flag parsing runs in-process through ``cli.parse_flags`` (what ``app.run`` calls), on a
 fresh ``FlagValues`` per case; the exit codes and the single stderr line are checked on
 real ``train.py`` processes that fail before JAX or TensorFlow is imported (a fraction
 of a second each).
@@ -18,7 +18,7 @@ import pytest
 from absl import flags
 from ml_collections import ConfigDict
 
-import train
+from ca_flax.training import cli
 
 pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # ml_collections loading configs
 
@@ -30,7 +30,7 @@ CONFIGS = ["configs/default.py", "configs/imagenet_mbv2_ca.py", "configs/imagene
 def parse(*args: str) -> flags.FlagValues:
     """The config ``train.py ARGS`` trains with (flags parsed as app.run parses them)."""
     flag_values = flags.FlagValues()
-    train.parse_flags(["train.py", *args], flag_values)
+    cli.parse_flags(["train.py", *args], flag_values)
     return flag_values
 
 
@@ -53,20 +53,20 @@ def other_value(value, kind: type):
 
 
 def every_field() -> list[tuple[str, str]]:
-    return [(spec, name) for spec in CONFIGS for name, _ in train.config_fields(train.load_config(spec))]
+    return [(spec, name) for spec in CONFIGS for name, _ in cli.config_fields(cli.load_config(spec))]
 
 
 @pytest.mark.parametrize("spec, name", every_field())
 def test_every_field_of_every_config_is_settable_from_the_command_line(spec, name, monkeypatch):
-    # As --help prints values (train.command_line_value), so what --help shows can be typed back.
+    # As --help prints values (cli.command_line_value), so what --help shows can be typed back.
     monkeypatch.chdir(REPO)
-    config = train.load_config(spec)
-    old = dict(train.config_fields(config))[name]
+    config = cli.load_config(spec)
+    old = dict(cli.config_fields(config))[name]
     kind = field_type(config, name)
     new = other_value(old, kind)
-    parsed = dict(train.config_fields(parse(f"--config={spec}", f"--config.{name}={train.command_line_value(new)}").config))
+    parsed = dict(cli.config_fields(parse(f"--config={spec}", f"--config.{name}={cli.command_line_value(new)}").config))
     assert parsed[name] == new and type(parsed[name]) is kind
-    assert {k: v for k, v in parsed.items() if k != name} == {k: v for k, v in train.config_fields(config) if k != name}
+    assert {k: v for k, v in parsed.items() if k != name} == {k: v for k, v in cli.config_fields(config) if k != name}
 
 
 def test_data_dir_tuples_booleans_and_new_model_options(monkeypatch):
@@ -91,7 +91,7 @@ def test_data_dir_tuples_booleans_and_new_model_options(monkeypatch):
 def test_default_workdir_is_named_after_the_config(monkeypatch):
     monkeypatch.chdir(REPO)
     for args, name in (((), "default"), (("--config=configs/imagenet_mbv2_ca.py:se",), "imagenet_mbv2_ca")):
-        assert train.default_workdir(parse(*args)["config"].config_filename) == os.path.join("workdirs", name)
+        assert cli.default_workdir(parse(*args)["config"].config_filename) == os.path.join("workdirs", name)
 
 
 @pytest.mark.parametrize(
@@ -134,16 +134,49 @@ def test_flagfile_overrides_are_checked_too(tmp_path, capsys, monkeypatch):
     assert "error: --config.learning_rat: no such config field" in capsys.readouterr().err
 
 
+COUNTED_CONFIG = """
+from pathlib import Path
+
+from configs import default
+
+def get_config():
+    with open(Path(__file__).with_suffix(".loads"), "a") as loads:
+        loads.write("load\\n")
+    return default.get_config()
+"""
+
+
+def test_the_config_file_is_loaded_once(tmp_path, monkeypatch, capsys):
+    # Loaded to check the overrides' names, then handed to the config flag, not loaded again.
+    monkeypatch.chdir(REPO)
+    (tmp_path / "counted.py").write_text(COUNTED_CONFIG)
+    config = parse(f"--config={tmp_path / 'counted.py'}", "--config.learning_rate=0.2").config
+    assert config.learning_rate == 0.2
+    assert (tmp_path / "counted.loads").read_text() == "load\n"
+    with pytest.raises(SystemExit):
+        parse(f"--config={tmp_path / 'counted.py'}", "--help")
+    assert "  --config.learning_rate=" in capsys.readouterr().out
+    assert (tmp_path / "counted.loads").read_text() == "load\n" * 2
+
+
+def test_a_bad_flag_fails_before_jax_or_tensorflow_is_imported():
+    script = ("import runpy, sys\nsys.argv = ['train.py', '--config.learning_rat=0.1']\n"
+              "try:\n    runpy.run_path('train.py', run_name='__main__')\nexcept SystemExit as exit_:\n"
+              "    print(exit_.code, sorted({'jax', 'tensorflow', 'flax', 'numpy'} & set(sys.modules)))\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.stdout == "2 []\n", result.stderr
+    assert result.stderr.startswith("error: --config.learning_rat: no such config field"), result.stderr
+
 def test_workdir_checks(tmp_path):
-    train.check_workdir(str(tmp_path / "new" / "run"))  # created later by the trainer
-    train.check_workdir(str(tmp_path))
+    cli.check_workdir(str(tmp_path / "new" / "run"))  # created later by the trainer
+    cli.check_workdir(str(tmp_path))
     assert list(tmp_path.iterdir()) == []  # the probe leaves nothing behind
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match=r"file is a file, not a directory"):
-        train.check_workdir(str(tmp_path / "file"))
+        cli.check_workdir(str(tmp_path / "file"))
     with pytest.raises(ValueError, match=r"sub is under .*file, a file, not a directory"):
-        train.check_workdir(str(tmp_path / "file" / "sub"))
-    train.check_workdir("gs://bucket/run")  # remote: left to its filesystem
+        cli.check_workdir(str(tmp_path / "file" / "sub"))
+    cli.check_workdir("gs://bucket/run")  # remote: left to its filesystem
 
 
 def test_workdir_that_cannot_be_written_even_by_root():
@@ -153,9 +186,9 @@ def test_workdir_that_cannot_be_written_even_by_root():
     if os.access("/sys", os.W_OK) and not os.path.isdir("/sys/kernel"):
         pytest.skip("no sysfs here")
     with pytest.raises(ValueError, match=r"--workdir=/sys/ca_flax_workdir is not writable: cannot create anything in /sys"):
-        train.check_workdir(workdir)
+        cli.check_workdir(workdir)
     with pytest.raises(ValueError, match=r"--workdir=/sys/kernel is not writable"):
-        train.check_workdir("/sys/kernel")
+        cli.check_workdir("/sys/kernel")
 
 
 def test_model_kwargs_are_model_options(monkeypatch):
@@ -170,7 +203,7 @@ def test_model_kwargs_are_model_options(monkeypatch):
     assert model_config(model)["stage_repeats"] == [1, 1, 2, 1, 1, 1, 1]
     assert model_config(model)["attention_kwargs"] == {"reduction": 8}
 
-    config = train.load_config(train.DEFAULT_CONFIG)
+    config = cli.load_config(cli.DEFAULT_CONFIG)
     config.model_kwargs.stage_repeat = (1, 1, 1, 1, 1, 1, 1)
     with pytest.raises(ValueError, match=r"^config.model_kwargs.stage_repeat: mobilenetv2_ca has no option "
                                          r"'stage_repeat' \(did you mean stage_repeats\?\); its options: activation, "
