@@ -1,4 +1,5 @@
-"""Shared test setup: tests/ on sys.path (for torch_reference) and small helpers."""
+"""Shared test setup: tests/ on sys.path (for torch_reference), the order files run in,
+and small helpers."""
 
 from __future__ import annotations
 
@@ -18,6 +19,37 @@ if str(TESTS_DIR) not in sys.path:
 def param_count(tree) -> int:
     """Number of scalars in a pytree of arrays or ShapeDtypeStructs."""
     return int(sum(np.prod(x.shape, dtype=np.int64) for x in jax.tree_util.tree_leaves(tree)))
+
+
+# -- order: the slowest files first -----------------------------------------------------
+
+# ``pytest -n 2 --dist loadfile`` (the CI command) hands whole files to the two workers in
+# collection order, so a long file collected last runs alone on one worker while the other
+# idles. These files go first, slowest first (seconds are from one CI run on 2 cores, both
+# workers busy); every other file follows in its usual order.
+SLOWEST_FIRST = [
+    "test_default_run.py",  # three real default training runs, ~200 s each
+    "test_training.py",  # the baseline train.py run and ten more
+    "test_training_parallel.py",  # 8 devices, 2 processes: ~100 s each
+    "test_workdir_faults.py",
+    "test_readme_commands.py",
+    "test_native.py",
+    "test_export.py",
+    "test_registry.py",
+    "test_mobilenetv2.py",
+]
+
+
+def pytest_configure(config):
+    # pytest-xdist by default sorts the files by how many tests each has, most first: that
+    # put test_default_run.py (3 tests, ~11 minutes) and test_training_parallel.py last.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
 
 
 @pytest.fixture
