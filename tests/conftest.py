@@ -3,6 +3,9 @@ and small helpers."""
 
 from __future__ import annotations
 
+import fcntl
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -95,13 +98,36 @@ def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("jax_cache")
 
 
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory, cache) -> Path:
-    """One uninterrupted tiny train.py run (tests/train_runs.py's TINY) every other run of
-    the module is compared with."""
+@pytest.fixture(scope="session")
+def shared_baseline(tmp_path_factory) -> Path:
+    """One uninterrupted tiny train.py run (tests/train_runs.py's TINY) per pytest session,
+    in ``wd``, with the compilation cache it filled in ``jax_cache``.
+
+    test_training.py, test_training_parallel.py and test_workdir_faults.py all compare with
+    the same run, and pytest-xdist runs them in different worker processes: the first to
+    need it runs it under a lock in the directory the session's workers share (the parent
+    of each worker's basetemp), the others wait and read it. Nothing writes to it after.
+    """
     from train_runs import run_train
 
-    workdir = tmp_path_factory.mktemp("baseline") / "wd"
-    result = run_train(workdir, cache=cache)
-    assert "Done: 8 steps" in result.stdout
-    return workdir
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    root = root / "shared_baseline"
+    root.mkdir(exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (root / "done").exists():
+            shutil.rmtree(root / "wd", ignore_errors=True)
+            result = run_train(root / "wd", cache=root / "jax_cache")
+            assert "Done: 8 steps" in result.stdout
+            (root / "done").touch()
+    return root
+
+
+@pytest.fixture(scope="module")
+def baseline(shared_baseline, cache) -> Path:
+    """The session's baseline run (``shared_baseline``) every other run of the module is
+    compared with; the module's cache starts with the programs it compiled."""
+    shutil.copytree(shared_baseline / "jax_cache", cache, dirs_exist_ok=True)
+    return shared_baseline / "wd"
