@@ -1,7 +1,11 @@
-"""Shared test setup: tests/ on sys.path (for torch_reference) and small helpers."""
+"""Shared test setup: tests/ on sys.path (for torch_reference), the order files run in,
+and small helpers."""
 
 from __future__ import annotations
 
+import fcntl
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,6 +22,37 @@ if str(TESTS_DIR) not in sys.path:
 def param_count(tree) -> int:
     """Number of scalars in a pytree of arrays or ShapeDtypeStructs."""
     return int(sum(np.prod(x.shape, dtype=np.int64) for x in jax.tree_util.tree_leaves(tree)))
+
+
+# -- order: the slowest files first -----------------------------------------------------
+
+# ``pytest -n 2 --dist loadfile`` (the CI command) hands whole files to the two workers in
+# collection order, so a long file collected last runs alone on one worker while the other
+# idles. These files go first, slowest first (seconds are from one CI run on 2 cores, both
+# workers busy); every other file follows in its usual order.
+SLOWEST_FIRST = [
+    "test_default_run.py",  # three real default training runs, ~200 s each
+    "test_training.py",  # the baseline train.py run and ten more
+    "test_training_parallel.py",  # 8 devices, 2 processes: ~100 s each
+    "test_workdir_faults.py",
+    "test_readme_commands.py",
+    "test_native.py",
+    "test_export.py",
+    "test_registry.py",
+    "test_mobilenetv2.py",
+]
+
+
+def pytest_configure(config):
+    # pytest-xdist by default sorts the files by how many tests each has, most first: that
+    # put test_default_run.py (3 tests, ~11 minutes) and test_training_parallel.py last.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
 
 
 @pytest.fixture
@@ -63,13 +98,36 @@ def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("jax_cache")
 
 
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory, cache) -> Path:
-    """One uninterrupted tiny train.py run (tests/train_runs.py's TINY) every other run of
-    the module is compared with."""
+@pytest.fixture(scope="session")
+def shared_baseline(tmp_path_factory) -> Path:
+    """One uninterrupted tiny train.py run (tests/train_runs.py's TINY) per pytest session,
+    in ``wd``, with the compilation cache it filled in ``jax_cache``.
+
+    test_training.py, test_training_parallel.py and test_workdir_faults.py all compare with
+    the same run, and pytest-xdist runs them in different worker processes: the first to
+    need it runs it under a lock in the directory the session's workers share (the parent
+    of each worker's basetemp), the others wait and read it. Nothing writes to it after.
+    """
     from train_runs import run_train
 
-    workdir = tmp_path_factory.mktemp("baseline") / "wd"
-    result = run_train(workdir, cache=cache)
-    assert "Done: 8 steps" in result.stdout
-    return workdir
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    root = root / "shared_baseline"
+    root.mkdir(exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (root / "done").exists():
+            shutil.rmtree(root / "wd", ignore_errors=True)
+            result = run_train(root / "wd", cache=root / "jax_cache")
+            assert "Done: 8 steps" in result.stdout
+            (root / "done").touch()
+    return root
+
+
+@pytest.fixture(scope="module")
+def baseline(shared_baseline, cache) -> Path:
+    """The session's baseline run (``shared_baseline``) every other run of the module is
+    compared with; the module's cache starts with the programs it compiled."""
+    shutil.copytree(shared_baseline / "jax_cache", cache, dirs_exist_ok=True)
+    return shared_baseline / "wd"

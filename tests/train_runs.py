@@ -3,8 +3,9 @@ as a user would, and how two runs are compared.
 
 Imported by tests/test_training.py, tests/test_training_parallel.py and
 tests/test_workdir_faults.py. The ``cache`` and ``baseline`` fixtures are in
-tests/conftest.py: module-scoped, so each of those files has one persistent compilation
-cache (only its first run compiles) and one uninterrupted baseline run.
+tests/conftest.py: each of those files has one persistent compilation cache, and all
+three compare with one uninterrupted baseline run per session, whose compiled programs
+seed each file's cache (so only a run that differs from it compiles).
 """
 
 from __future__ import annotations
