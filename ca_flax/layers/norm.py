@@ -20,6 +20,14 @@ input gradient. Plain autodiff would keep the centred input, the normalized outp
 the activation's input: three more feature maps per layer, about half of MobileNetV2's
 training memory. Being one op with its own backward also keeps the traced program
 small, which is most of what a train step costs to compile from the persistent cache.
+
+On CPU in float32, channels last, with ReLU6 or no activation, both passes are native
+kernels (``native/batch_norm_train.cc``): the forward pass reads the map three times
+(mean, variance about it, output) and writes only the output; the backward pass reads
+the input and the output gradient twice, recomputing ReLU6's mask, and writes only the
+input gradient. XLA:CPU writes the centred map for the variance and the masked gradient
+for the backward pass's sums. ``ca_flax.fast_paths.disabled()`` or ``CA_FLAX_NATIVE=0``
+takes the XLA formulation, whose values are the same up to rounding.
 """
 
 from __future__ import annotations
@@ -34,6 +42,8 @@ from flax import linen as nn
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
+from ca_flax import native
+from ca_flax.layers.activations import get_activation, relu6
 from ca_flax.layers.params import shaped_param
 from ca_flax.layers.recompute import after, recompute_in_backward
 
@@ -101,35 +111,10 @@ def _bn_train_math(x, scale, bias, axis, epsilon, dtype, activation):
     return _normalize_math(x, mean, var, scale, bias, axis, epsilon, dtype, activation), mean, var
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def batch_norm_train(
-    x: jax.Array, scale: jax.Array, bias: jax.Array, axis: int, epsilon: float, dtype: Any,
-    activation: Callable[[jax.Array], jax.Array] | None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """BatchNorm with batch statistics: ``(activation(normalized x), mean, var)``.
-
-    Mean and biased variance over every axis but ``axis`` (non-negative), in float32 or
-    wider and in two passes as PyTorch (``E[(x - mean)^2]`` keeps digits that
-    ``E[x^2] - mean^2`` loses); the output is ``dtype``. The
-    backward pass keeps only ``x``, the statistics and the parameters (see the module
-    docstring); cotangents of ``mean`` and ``var`` are honoured, and skipped when absent.
-    """
-    return _bn_train_math(x, scale, bias, axis, epsilon, dtype, activation)
-
-
-def _bn_train_fwd(x, scale, bias, axis, epsilon, dtype, activation):
-    x, scale, bias = x.value, scale.value, bias.value  # symbolic_zeros=True wraps the primals
-    out = _bn_train_math(x, scale, bias, axis, epsilon, dtype, activation)
-    return out, (x, out[1], out[2], scale, bias)
-
-
-def _bn_train_bwd(axis, epsilon, dtype, activation, residuals, cotangents):
-    x, mean, var, scale, bias = residuals
-    dy, d_mean, d_var = cotangents
+def _bn_backward_math(x, dy, mean, var, scale, bias, axis, epsilon, dtype, activation):
+    """``(dx, d_scale, d_bias)`` through the normalized output, in XLA."""
     reduce_axes = _reduce_axes(x, axis)
     stat_dtype, count = mean.dtype, _const(x.size // mean.size, mean)
-    if isinstance(dy, SymbolicZero):
-        dy = jnp.zeros(x.shape, dtype)
     x_stored = x
     x = after(x, dy)  # nothing below may start before the backward pass reaches this layer
     pre, centred, mul, rstd = _affine(x, mean, var, scale, bias, axis, epsilon)
@@ -146,12 +131,97 @@ def _bn_train_bwd(axis, epsilon, dtype, activation, residuals, cotangents):
     var_term = _per_channel(lax.div(lax.mul(lax.mul(rstd, rstd), sum_g_centred), count), x, axis)
     correction = lax.add(_per_channel(lax.div(sum_g, count), x, axis), lax.mul(centred, var_term))
     dx = lax.mul(lax.sub(g, correction), mul)
+    return dx, lax.mul(sum_g_centred, rstd), sum_g
+
+
+# -- the native kernels (CPU, float32, channels last, ReLU6 or no activation) ---------
+# Each is differentiable again through the XLA math of the same values (second-order
+# derivatives), as the native depthwise kernel gradient is.
+
+
+def _native_relu6(x: jax.Array, scale: jax.Array, bias: jax.Array, axis: int, dtype: Any,
+                  activation: Callable[[jax.Array], jax.Array] | None) -> bool | None:
+    """Whether the native kernels take this layer: True with ReLU6, False with no
+    activation, None where they do not (another activation, dtype, axis or backend)."""
+    if activation is relu6:
+        relu6_on = True
+    elif activation is None or activation is get_activation(None):
+        relu6_on = False
+    else:
+        return None
+    if axis != x.ndim - 1 or x.size == 0 or jnp.dtype(dtype) != jnp.float32:
+        return None
+    if any(a.dtype != jnp.float32 for a in (x, scale, bias)) or jax.default_backend() != "cpu":
+        return None
+    if native.batch_norm_train_target("forward") is None or native.batch_norm_train_target("backward") is None:
+        return None
+    return relu6_on
+
+
+def _activation(relu6_on: bool) -> Callable[[jax.Array], jax.Array] | None:
+    return relu6 if relu6_on else None
+
+
+_native_forward = recompute_in_backward(
+    lambda x, scale, bias, epsilon, relu6_on: _bn_train_math(
+        x, scale, bias, x.ndim - 1, epsilon, jnp.float32, _activation(relu6_on)),
+    static_argnums=(3, 4), forward=native.batch_norm_train_forward,
+)
+_native_backward = recompute_in_backward(
+    lambda x, dy, mean, var, scale, bias, epsilon, relu6_on: _bn_backward_math(
+        x, dy, mean, var, scale, bias, x.ndim - 1, epsilon, jnp.float32, _activation(relu6_on)),
+    static_argnums=(6, 7), forward=native.batch_norm_train_backward,
+)
+
+
+def _bn_train(x, scale, bias, axis, epsilon, dtype, activation):
+    relu6_on = _native_relu6(x, scale, bias, axis, dtype, activation)
+    if relu6_on is not None:
+        return _native_forward(x, scale, bias, epsilon, relu6_on)
+    return _bn_train_math(x, scale, bias, axis, epsilon, dtype, activation)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def batch_norm_train(
+    x: jax.Array, scale: jax.Array, bias: jax.Array, axis: int, epsilon: float, dtype: Any,
+    activation: Callable[[jax.Array], jax.Array] | None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """BatchNorm with batch statistics: ``(activation(normalized x), mean, var)``.
+
+    Mean and biased variance over every axis but ``axis`` (non-negative), in float32 or
+    wider and in two passes as PyTorch (``E[(x - mean)^2]`` keeps digits that
+    ``E[x^2] - mean^2`` loses); the output is ``dtype``. The
+    backward pass keeps only ``x``, the statistics and the parameters (see the module
+    docstring); cotangents of ``mean`` and ``var`` are honoured, and skipped when absent.
+    On CPU in float32, channels last, with ReLU6 or no activation, both passes are native
+    kernels (``ca_flax.native``) that compute the same values in fewer passes over the map.
+    """
+    return _bn_train(x, scale, bias, axis, epsilon, dtype, activation)
+
+
+def _bn_train_fwd(x, scale, bias, axis, epsilon, dtype, activation):
+    x, scale, bias = x.value, scale.value, bias.value  # symbolic_zeros=True wraps the primals
+    out = _bn_train(x, scale, bias, axis, epsilon, dtype, activation)
+    return out, (x, out[1], out[2], scale, bias)
+
+
+def _bn_train_bwd(axis, epsilon, dtype, activation, residuals, cotangents):
+    x, mean, var, scale, bias = residuals
+    dy, d_mean, d_var = cotangents
+    if isinstance(dy, SymbolicZero):
+        dy = jnp.zeros(x.shape, dtype)
+    relu6_on = _native_relu6(x, scale, bias, axis, dtype, activation)
+    if relu6_on is not None and dy.dtype == jnp.float32:
+        dx, d_scale, d_bias = _native_backward(x, dy, mean, var, scale, bias, epsilon, relu6_on)
+    else:
+        dx, d_scale, d_bias = _bn_backward_math(x, dy, mean, var, scale, bias, axis, epsilon, dtype, activation)
+    count = _const(x.size // mean.size, mean)
     if not isinstance(d_mean, SymbolicZero):
         dx = lax.add(dx, _per_channel(lax.div(d_mean, count), x, axis))
     if not isinstance(d_var, SymbolicZero):
+        centred = lax.sub(x.astype(mean.dtype), _per_channel(mean, x, axis))
         dx = lax.add(dx, lax.mul(centred, _per_channel(lax.div(lax.mul(d_var, _const(2, d_var)), count), x, axis)))
-    d_scale = lax.mul(sum_g_centred, rstd).astype(scale.dtype)
-    return dx.astype(x.dtype), d_scale, sum_g.astype(bias.dtype)
+    return dx.astype(x.dtype), d_scale.astype(scale.dtype), d_bias.astype(bias.dtype)
 
 
 batch_norm_train.defvjp(_bn_train_fwd, _bn_train_bwd, symbolic_zeros=True)
