@@ -82,8 +82,9 @@ def test_second_order_derivatives_through_the_native_kernel(stride):
 
 @requires_kernel
 def test_batch_sharded_over_devices_gives_the_same_gradient(tmp_path):
-    """Under jit with the batch split over 4 CPU devices (XLA gathers the custom calls'
-    operands: correct, not yet partitioned): the depthwise kernel gradient and BatchNorm."""
+    """Under jit with the batch split over 4 CPU devices: the depthwise kernel gradient
+    (XLA gathers the custom call's operands: correct, not yet partitioned), and BatchNorm
+    (XLA's partitioned formulation)."""
     script = textwrap.dedent("""
         import jax
         jax.config.update("jax_num_cpu_devices", 4)
@@ -98,19 +99,20 @@ def test_batch_sharded_over_devices_gives_the_same_gradient(tmp_path):
         got = grad("shift_vjp")(jax.device_put(x, NamedSharding(mesh, P("data"))), k)
         for a, b in zip(got, grad("xla")(x, k)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
-        # BatchNorm's statistics are over the whole batch, across the shards
-        from ca_flax import native
+        # BatchNorm over several devices takes XLA's partitioned reductions, not the
+        # native kernels (which would gather every map to each device)
         from ca_flax.layers.activations import relu6
         from ca_flax.layers.norm import batch_norm_train
         cot = jax.random.normal(jax.random.PRNGKey(3), x.shape)
         bn = lambda x, s: jnp.sum(batch_norm_train(x, s, 0.5 * s, 3, 1e-5, jnp.float32, relu6)[0] * cot)
-        bn_grad = lambda: jax.jit(jax.grad(bn, (0, 1)))
+        bn_grad = jax.jit(jax.grad(bn, (0, 1)))
         s = 1.0 + 0.1 * jnp.arange(6.0)
-        got = bn_grad()(jax.device_put(x, NamedSharding(mesh, P("data"))), s)
-        with native.disabled():
-            want = bn_grad()(x, s)
-        for a, b in zip(got, want):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+        sharded = jax.device_put(x, NamedSharding(mesh, P("data")))
+        assert "ca_flax_" not in bn_grad.lower(sharded, s).as_text()
+        plain = lambda x, s: jnp.sum(jnp.clip((x - x.mean((0, 1, 2))) * s / jnp.sqrt(x.var((0, 1, 2)) + 1e-5)
+                                              + 0.5 * s, 0, 6) * cot)
+        for a, b in zip(bn_grad(sharded, s), jax.grad(plain, (0, 1))(x, s)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
         print("ok")
     """)
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -305,8 +307,9 @@ def test_batch_norm_kernels_agree_with_the_xla_formulation_and_propagate_nan():
 
 @requires_batch_norm_kernel
 def test_batch_norm_uses_the_kernels_only_where_they_apply():
-    """float32 on CPU, channels last, ReLU6 or no activation: both passes native; any other
-    activation, dtype or channel axis, or inside native.disabled(): XLA's."""
+    """float32 on one CPU device, channels last, ReLU6 or no activation: both passes
+    native; any other activation, dtype or channel axis, or inside native.disabled():
+    XLA's (several devices: test_batch_sharded_over_devices_gives_the_same_gradient)."""
     x, scale = jnp.ones((2, 4, 4, 8)), jnp.ones(8)
 
     def program(axis=3, dtype=jnp.float32, activation=relu6, x=x):

@@ -21,8 +21,8 @@ the activation's input: three more feature maps per layer, about half of MobileN
 training memory. Being one op with its own backward also keeps the traced program
 small, which is most of what a train step costs to compile from the persistent cache.
 
-On CPU in float32, channels last, with ReLU6 or no activation, both passes are native
-kernels (``native/batch_norm_train.cc``): the forward pass reads the map three times
+On a single CPU device in float32, channels last, with ReLU6 or no activation, both
+passes are native kernels (``native/batch_norm_train.cc``): the forward pass reads the map three times
 (mean, variance about it, output) and writes only the output; the backward pass reads
 the input and the output gradient twice, recomputing ReLU6's mask, and writes only the
 input gradient. XLA:CPU writes the centred map for the variance and the masked gradient
@@ -142,7 +142,8 @@ def _bn_backward_math(x, dy, mean, var, scale, bias, axis, epsilon, dtype, activ
 def _native_relu6(x: jax.Array, scale: jax.Array, bias: jax.Array, axis: int, dtype: Any,
                   activation: Callable[[jax.Array], jax.Array] | None) -> bool | None:
     """Whether the native kernels take this layer: True with ReLU6, False with no
-    activation, None where they do not (another activation, dtype, axis or backend)."""
+    activation, None where they do not (another activation, dtype, axis or backend, or
+    several devices)."""
     if activation is relu6:
         relu6_on = True
     elif activation is None or activation is get_activation(None):
@@ -152,6 +153,10 @@ def _native_relu6(x: jax.Array, scale: jax.Array, bias: jax.Array, axis: int, dt
     if axis != x.ndim - 1 or x.size == 0 or jnp.dtype(dtype) != jnp.float32:
         return None
     if any(a.dtype != jnp.float32 for a in (x, scale, bias)) or jax.default_backend() != "cpu":
+        return None
+    # The custom calls have no partitioning rule: over several devices XLA would gather
+    # every map to each of them, where its own reductions partition.
+    if jax.device_count() > 1:
         return None
     if native.batch_norm_train_target("forward") is None or native.batch_norm_train_target("backward") is None:
         return None
@@ -193,8 +198,9 @@ def batch_norm_train(
     ``E[x^2] - mean^2`` loses); the output is ``dtype``. The
     backward pass keeps only ``x``, the statistics and the parameters (see the module
     docstring); cotangents of ``mean`` and ``var`` are honoured, and skipped when absent.
-    On CPU in float32, channels last, with ReLU6 or no activation, both passes are native
-    kernels (``ca_flax.native``) that compute the same values in fewer passes over the map.
+    On a single CPU device in float32, channels last, with ReLU6 or no activation, both
+    passes are native kernels (``ca_flax.native``) that compute the same values in fewer
+    passes over the map.
     """
     return _bn_train(x, scale, bias, axis, epsilon, dtype, activation)
 
