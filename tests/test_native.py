@@ -231,7 +231,7 @@ def test_the_build_key_covers_the_headers(tmp_path, monkeypatch):
 # -- BatchNorm in training (batch statistics, ReLU6 or none) ------------------------------
 
 requires_batch_norm_kernel = pytest.mark.skipif(
-    native.batch_norm_train_target("forward") is None,
+    native.batch_norm_train_target("statistics") is None,
     reason="the native kernels cannot be built here (no C++ compiler, or CA_FLAX_NATIVE=0)",
 )
 
@@ -319,7 +319,7 @@ def test_batch_norm_uses_the_kernels_only_where_they_apply():
 
     for activation in (relu6, None):
         text = program(activation=activation)
-        assert "CaFlaxBatchNormTrainForward" in text and "CaFlaxBatchNormTrainBackward" in text
+        assert "CaFlaxBatchNormTrainStatistics" in text and "CaFlaxBatchNormTrainBackward" in text
     assert "ca_flax_" not in program(activation=hard_swish)
     assert "ca_flax_" not in program(axis=1, x=jnp.ones((2, 8, 4, 4)))
     assert "ca_flax_" not in program(dtype=jnp.bfloat16)
