@@ -21,13 +21,14 @@ the activation's input: three more feature maps per layer, about half of MobileN
 training memory. Being one op with its own backward also keeps the traced program
 small, which is most of what a train step costs to compile from the persistent cache.
 
-On a single CPU device in float32, channels last, with ReLU6 or no activation, both
-passes are native kernels (``native/batch_norm_train.cc``): the forward pass reads the map three times
-(mean, variance about it, output) and writes only the output; the backward pass reads
-the input and the output gradient twice, recomputing ReLU6's mask, and writes only the
-input gradient. XLA:CPU writes the centred map for the variance and the masked gradient
-for the backward pass's sums. ``ca_flax.fast_paths.disabled()`` or ``CA_FLAX_NATIVE=0``
-takes the XLA formulation, whose values are the same up to rounding.
+On a single CPU device in float32, channels last, with ReLU6 or no activation, native
+kernels (``native/batch_norm_train.cc``) compute the batch statistics (two reads of the
+map, nothing written; XLA:CPU writes the centred map for the variance) and the whole
+backward pass (two reads of the input and the output gradient, recomputing ReLU6's mask,
+one write; XLA:CPU writes the masked gradient for its sums). The normalization stays
+XLA's, so XLA can still recompute it for the layers that read it instead of keeping it.
+``ca_flax.fast_paths.disabled()`` or ``CA_FLAX_NATIVE=0`` takes the XLA formulation,
+whose values are the same up to rounding.
 """
 
 from __future__ import annotations
@@ -207,9 +208,9 @@ def batch_norm_train(
     ``E[x^2] - mean^2`` loses); the output is ``dtype``. The
     backward pass keeps only ``x``, the statistics and the parameters (see the module
     docstring); cotangents of ``mean`` and ``var`` are honoured, and skipped when absent.
-    On a single CPU device in float32, channels last, with ReLU6 or no activation, both
-    passes are native kernels (``ca_flax.native``) that compute the same values in fewer
-    passes over the map.
+    On a single CPU device in float32, channels last, with ReLU6 or no activation, the
+    statistics and the backward pass are native kernels (``ca_flax.native``) that compute
+    the same values in fewer passes over the map.
     """
     return _bn_train(x, scale, bias, axis, epsilon, dtype, activation)
 
