@@ -354,12 +354,15 @@ def test_a_second_ctrl_c_exits_at_once_without_saving(monkeypatch, capfd):
 
     exits = []
     monkeypatch.setattr(trainer.os, "_exit", exits.append)
+    # what was installed before (SIG_IGN where the test runner was started in the
+    # background by a shell without job control)
+    before = signal.getsignal(signal.SIGINT)
     with trainer._Preemption() as preemption:
         signal.raise_signal(signal.SIGINT)
         assert preemption.requested and preemption.name == "SIGINT" and exits == []
         signal.raise_signal(signal.SIGINT)
         assert exits == [130]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before
     assert "Ctrl-C again stops without saving" in capfd.readouterr().out
 
 

@@ -20,6 +20,15 @@ input gradient. Plain autodiff would keep the centred input, the normalized outp
 the activation's input: three more feature maps per layer, about half of MobileNetV2's
 training memory. Being one op with its own backward also keeps the traced program
 small, which is most of what a train step costs to compile from the persistent cache.
+
+On a single CPU device in float32, channels last, with ReLU6 or no activation, native
+kernels (``native/batch_norm_train.cc``) compute the batch statistics (two reads of the
+map, nothing written; XLA:CPU writes the centred map for the variance) and the whole
+backward pass (two reads of the input and the output gradient, recomputing ReLU6's mask,
+one write; XLA:CPU writes the masked gradient for its sums). The normalization stays
+XLA's, so XLA can still recompute it for the layers that read it instead of keeping it.
+``ca_flax.fast_paths.disabled()`` or ``CA_FLAX_NATIVE=0`` takes the XLA formulation,
+whose values are the same up to rounding.
 """
 
 from __future__ import annotations
@@ -34,6 +43,8 @@ from flax import linen as nn
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
+from ca_flax import native
+from ca_flax.layers.activations import get_activation, relu6
 from ca_flax.layers.params import shaped_param
 from ca_flax.layers.recompute import after, recompute_in_backward
 
@@ -101,35 +112,10 @@ def _bn_train_math(x, scale, bias, axis, epsilon, dtype, activation):
     return _normalize_math(x, mean, var, scale, bias, axis, epsilon, dtype, activation), mean, var
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def batch_norm_train(
-    x: jax.Array, scale: jax.Array, bias: jax.Array, axis: int, epsilon: float, dtype: Any,
-    activation: Callable[[jax.Array], jax.Array] | None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """BatchNorm with batch statistics: ``(activation(normalized x), mean, var)``.
-
-    Mean and biased variance over every axis but ``axis`` (non-negative), in float32 or
-    wider and in two passes as PyTorch (``E[(x - mean)^2]`` keeps digits that
-    ``E[x^2] - mean^2`` loses); the output is ``dtype``. The
-    backward pass keeps only ``x``, the statistics and the parameters (see the module
-    docstring); cotangents of ``mean`` and ``var`` are honoured, and skipped when absent.
-    """
-    return _bn_train_math(x, scale, bias, axis, epsilon, dtype, activation)
-
-
-def _bn_train_fwd(x, scale, bias, axis, epsilon, dtype, activation):
-    x, scale, bias = x.value, scale.value, bias.value  # symbolic_zeros=True wraps the primals
-    out = _bn_train_math(x, scale, bias, axis, epsilon, dtype, activation)
-    return out, (x, out[1], out[2], scale, bias)
-
-
-def _bn_train_bwd(axis, epsilon, dtype, activation, residuals, cotangents):
-    x, mean, var, scale, bias = residuals
-    dy, d_mean, d_var = cotangents
+def _bn_backward_math(x, dy, mean, var, scale, bias, axis, epsilon, dtype, activation):
+    """``(dx, d_scale, d_bias)`` through the normalized output, in XLA."""
     reduce_axes = _reduce_axes(x, axis)
     stat_dtype, count = mean.dtype, _const(x.size // mean.size, mean)
-    if isinstance(dy, SymbolicZero):
-        dy = jnp.zeros(x.shape, dtype)
     x_stored = x
     x = after(x, dy)  # nothing below may start before the backward pass reaches this layer
     pre, centred, mul, rstd = _affine(x, mean, var, scale, bias, axis, epsilon)
@@ -146,12 +132,112 @@ def _bn_train_bwd(axis, epsilon, dtype, activation, residuals, cotangents):
     var_term = _per_channel(lax.div(lax.mul(lax.mul(rstd, rstd), sum_g_centred), count), x, axis)
     correction = lax.add(_per_channel(lax.div(sum_g, count), x, axis), lax.mul(centred, var_term))
     dx = lax.mul(lax.sub(g, correction), mul)
+    return dx, lax.mul(sum_g_centred, rstd), sum_g
+
+
+# -- the native kernels (CPU, float32, channels last, ReLU6 or no activation) ---------
+# Each is differentiable again through the XLA math of the same values (second-order
+# derivatives), as the native depthwise kernel gradient is.
+
+
+def _native_relu6(x: jax.Array, scale: jax.Array, bias: jax.Array, axis: int, dtype: Any,
+                  activation: Callable[[jax.Array], jax.Array] | None) -> bool | None:
+    """Whether the native kernels take this layer: True with ReLU6, False with no
+    activation, None where they do not (another activation, dtype, axis or backend, or
+    several devices)."""
+    if activation is relu6:
+        relu6_on = True
+    elif activation is None or activation is get_activation(None):
+        relu6_on = False
+    else:
+        return None
+    if axis != x.ndim - 1 or x.size == 0 or jnp.dtype(dtype) != jnp.float32:
+        return None
+    if any(a.dtype != jnp.float32 for a in (x, scale, bias)) or jax.default_backend() != "cpu":
+        return None
+    # The custom calls have no partitioning rule: over several devices XLA would gather
+    # every map to each of them, where its own reductions partition.
+    if jax.device_count() > 1:
+        return None
+    if native.batch_norm_train_target("statistics") is None or native.batch_norm_train_target("backward") is None:
+        return None
+    return relu6_on
+
+
+def _activation(relu6_on: bool) -> Callable[[jax.Array], jax.Array] | None:
+    return relu6 if relu6_on else None
+
+
+# The statistics only: the normalization stays an XLA elementwise op, which XLA fuses
+# into its readers and recomputes in the backward pass where they need it (a custom
+# call's output would be kept from the forward pass: 0.7 GB more for a MobileNetV2 step).
+_native_moments = recompute_in_backward(lambda x: _moments_math(x, x.ndim - 1),
+                                        forward=native.batch_norm_train_statistics)
+
+
+def _native_backward_call(x, dy, mean, var, scale, bias, epsilon, relu6_on):
+    # rstd and mul by the forward pass's own XLA code, so ReLU6's mask is recomputed
+    # from the same per-channel numbers
+    return native.batch_norm_train_backward(x, dy, mean, *_rstd_and_mul(var, scale, epsilon), bias, relu6_on)
+
+
+_native_backward = recompute_in_backward(
+    lambda x, dy, mean, var, scale, bias, epsilon, relu6_on: _bn_backward_math(
+        x, dy, mean, var, scale, bias, x.ndim - 1, epsilon, jnp.float32, _activation(relu6_on)),
+    static_argnums=(6, 7), forward=_native_backward_call,
+)
+
+
+def _bn_train(x, scale, bias, axis, epsilon, dtype, activation):
+    relu6_on = _native_relu6(x, scale, bias, axis, dtype, activation)
+    if relu6_on is not None:
+        mean, var = _native_moments(x)
+        return _normalize_math(x, mean, var, scale, bias, axis, epsilon, dtype, activation), mean, var
+    return _bn_train_math(x, scale, bias, axis, epsilon, dtype, activation)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def batch_norm_train(
+    x: jax.Array, scale: jax.Array, bias: jax.Array, axis: int, epsilon: float, dtype: Any,
+    activation: Callable[[jax.Array], jax.Array] | None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """BatchNorm with batch statistics: ``(activation(normalized x), mean, var)``.
+
+    Mean and biased variance over every axis but ``axis`` (non-negative), in float32 or
+    wider and in two passes as PyTorch (``E[(x - mean)^2]`` keeps digits that
+    ``E[x^2] - mean^2`` loses); the output is ``dtype``. The
+    backward pass keeps only ``x``, the statistics and the parameters (see the module
+    docstring); cotangents of ``mean`` and ``var`` are honoured, and skipped when absent.
+    On a single CPU device in float32, channels last, with ReLU6 or no activation, the
+    statistics and the backward pass are native kernels (``ca_flax.native``) that compute
+    the same values in fewer passes over the map.
+    """
+    return _bn_train(x, scale, bias, axis, epsilon, dtype, activation)
+
+
+def _bn_train_fwd(x, scale, bias, axis, epsilon, dtype, activation):
+    x, scale, bias = x.value, scale.value, bias.value  # symbolic_zeros=True wraps the primals
+    out = _bn_train(x, scale, bias, axis, epsilon, dtype, activation)
+    return out, (x, out[1], out[2], scale, bias)
+
+
+def _bn_train_bwd(axis, epsilon, dtype, activation, residuals, cotangents):
+    x, mean, var, scale, bias = residuals
+    dy, d_mean, d_var = cotangents
+    if isinstance(dy, SymbolicZero):
+        dy = jnp.zeros(x.shape, dtype)
+    relu6_on = _native_relu6(x, scale, bias, axis, dtype, activation)
+    if relu6_on is not None and dy.dtype == jnp.float32:
+        dx, d_scale, d_bias = _native_backward(x, dy, mean, var, scale, bias, epsilon, relu6_on)
+    else:
+        dx, d_scale, d_bias = _bn_backward_math(x, dy, mean, var, scale, bias, axis, epsilon, dtype, activation)
+    count = _const(x.size // mean.size, mean)
     if not isinstance(d_mean, SymbolicZero):
         dx = lax.add(dx, _per_channel(lax.div(d_mean, count), x, axis))
     if not isinstance(d_var, SymbolicZero):
+        centred = lax.sub(x.astype(mean.dtype), _per_channel(mean, x, axis))
         dx = lax.add(dx, lax.mul(centred, _per_channel(lax.div(lax.mul(d_var, _const(2, d_var)), count), x, axis)))
-    d_scale = lax.mul(sum_g_centred, rstd).astype(scale.dtype)
-    return dx.astype(x.dtype), d_scale, sum_g.astype(bias.dtype)
+    return dx.astype(x.dtype), d_scale.astype(scale.dtype), d_bias.astype(bias.dtype)
 
 
 batch_norm_train.defvjp(_bn_train_fwd, _bn_train_bwd, symbolic_zeros=True)

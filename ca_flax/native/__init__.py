@@ -15,6 +15,11 @@ them all off.
 - :func:`dense_conv_inference`: a dense convolution with few input channels (the stem),
   its BatchNorm and activation in inference, accumulated in registers per output pixel
   (XLA:CPU: the windows copied out, a matmul, then a normalization pass).
+- :func:`batch_norm_train_statistics` and :func:`batch_norm_train_backward`: BatchNorm
+  in training (batch statistics, ReLU6 or no activation): the statistics, and the whole
+  backward pass, in passes over the map that write nothing but the result (XLA:CPU
+  writes the centred map for the variance, and the activation's gradient for the
+  backward pass's sums).
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ from ca_flax.native.loader import DISABLE_ENV, NativeBuildError, build, cache_di
 __all__ = [
     "DISABLE_ENV", "NativeBuildError", "build", "cache_dir", "disabled", "enabled", "depthwise_kernel_grad",
     "depthwise_kernel_grad_target", "EvalAffine", "depthwise_inference", "depthwise_inference_target",
-    "dense_conv_inference", "dense_conv_inference_target",
+    "dense_conv_inference", "dense_conv_inference_target", "batch_norm_train_target",
+    "batch_norm_train_statistics", "batch_norm_train_backward",
 ]
 
 
@@ -115,3 +121,37 @@ def dense_conv_inference(x: jax.Array, kernel: jax.Array, stride: int, affine: E
     result = jax.ShapeDtypeStruct((n, (h - 1) // stride + 1, (w - 1) // stride + 1, kernel.shape[-1]), jnp.float32)
     call = jax.ffi.ffi_call(target, result, vmap_method="sequential")
     return call(x, kernel, *(v.astype(jnp.float32) for v in affine), stride=np.int64(stride), relu6=bool(relu6))
+
+
+def batch_norm_train_target(kernel: str) -> str | None:
+    """The FFI target of a BatchNorm training kernel (``kernel``: ``'statistics'`` or
+    ``'backward'``), or None where it is unavailable."""
+    symbol = {"statistics": "CaFlaxBatchNormTrainStatistics", "backward": "CaFlaxBatchNormTrainBackward"}[kernel]
+    return ffi_target("batch_norm_train", symbol)
+
+
+def batch_norm_train_statistics(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(mean, var)`` over every axis but the last (the channels) of the float32 map
+    ``x``: the biased variance about the mean (two passes, summed in double). CPU only:
+    the caller checks :func:`batch_norm_train_target` first."""
+    target = _float32_target(batch_norm_train_target("statistics"), "BatchNorm training kernel", x)
+    vector = jax.ShapeDtypeStruct((x.shape[-1],), jnp.float32)
+    return jax.ffi.ffi_call(target, (vector, vector), vmap_method="sequential")(x)
+
+
+def batch_norm_train_backward(
+    x: jax.Array, dy: jax.Array, mean: jax.Array, rstd: jax.Array, mul: jax.Array, bias: jax.Array, relu6: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(dx, d_scale, d_bias)`` of ``y = act((x - mean) * mul + bias)`` with the batch
+    statistics of ``x`` (their own dependence on ``x`` included), for the output gradient
+    ``dy``; ``rstd = 1 / sqrt(var + eps)`` and ``mul = rstd * scale`` as the forward pass
+    computed them, ``act`` ReLU6 where ``relu6`` is set (its gradient passes strictly
+    inside (0, 6)), else the identity. CPU only: the caller checks
+    :func:`batch_norm_train_target` first."""
+    target = _float32_target(batch_norm_train_target("backward"), "BatchNorm training kernel", x, dy, mean, rstd,
+                             mul, bias)
+    c = x.shape[-1]
+    results = (jax.ShapeDtypeStruct(x.shape, jnp.float32), jax.ShapeDtypeStruct((c,), jnp.float32),
+               jax.ShapeDtypeStruct((c,), jnp.float32))
+    call = jax.ffi.ffi_call(target, results, vmap_method="sequential")
+    return call(x, dy, mean, rstd, mul, bias, relu6=bool(relu6))
