@@ -105,7 +105,7 @@ def test_expand_depthwise_inference_does_not_depend_on_the_batch_it_is_in():
 @pytest.mark.parametrize(
     "shape, k, out, stride, relu6",
     [((2, 16, 16, 3), 3, 32, 2, True), ((1, 9, 7, 3), 3, 13, 1, False), ((2, 5, 6, 2), 5, 40, 2, True),
-     ((1, 1, 1, 3), 3, 8, 2, True)],
+     ((1, 1, 1, 3), 3, 8, 2, True), ((1, 9, 21, 3), 3, 112, 1, False)],  # 112: 64 + 32 + 16 channels
 )
 def test_dense_conv_inference_equals_its_xla_math(shape, k, out, stride, relu6):
     keys = jax.random.split(jax.random.PRNGKey(sum(shape) + out), 3)
