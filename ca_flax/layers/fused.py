@@ -8,8 +8,12 @@ In eval mode an inverted residual computes, after its expand matmul,
 and all of it is local: each output pixel needs a 3x3 window of the expand output and
 two per-channel affine maps from the running statistics. XLA:CPU runs it as several
 passes over the block's widest map; :func:`depthwise_unit_inference` runs it as one
-native kernel (:func:`ca_flax.native.depthwise_inference`) that reads the expand output
-once and writes the unit's output and its row and column sums, which CA and SE pool.
+native kernel that writes the unit's output and its row and column sums, which CA and SE
+pool. With the expand unit as its producer the kernel computes the expand matmul too, a
+few rows at a time into a buffer in cache
+(:func:`ca_flax.native.expand_depthwise_inference`), so the expand output, the block's
+widest map, is never written to memory; without one
+(:func:`ca_flax.native.depthwise_inference`) it reads its input once.
 
 The stem (a 3x3 convolution of the 3-channel image, BatchNorm, ReLU6) is the other
 unit XLA:CPU runs poorly at inference: it copies every window out for a matmul, then
@@ -127,8 +131,9 @@ def depthwise_unit_inference(
     unit: ConvBNAct, producer: ConvBNAct | None, x: jax.Array
 ) -> tuple[jax.Array, DirectionalSums]:
     """``unit(producer(x), train=False)`` (``unit(x)`` without a producer) in one native
-    kernel after ``producer``'s convolution, with the output's row and column sums.
-    Check :func:`fuses_depthwise_unit` first."""
+    kernel, with the output's row and column sums; the producer's convolution runs inside
+    it (or, where that kernel is unavailable, as XLA's matmul before it). Check
+    :func:`fuses_depthwise_unit` first."""
     kernel = unit.conv.variables["params"]["kernel"].astype(jnp.float32)  # as the vectors: whatever was loaded
     out_affine, out_relu6 = EvalAffine(*unit.bn.eval_affine()), bool(_relu6_flag(unit.activation))
     if producer is None:
@@ -141,11 +146,9 @@ def depthwise_unit_inference(
             y, rows, cols = _depthwise_unit(producer.convolve(x), kernel, in_affine, out_affine, unit.stride,
                                             in_relu6, out_relu6)
         return y, DirectionalSums(rows, cols)
-    expand = producer.conv.variables["params"]["kernel"]
-    if expand.ndim != 4 or expand.shape[:2] != (1, 1):  # the producer's pointwise kernel: (1, 1, Ci, C)
-        raise ValueError(f"A producer's kernel is a (1, 1, in, out) pointwise kernel, got shape {expand.shape}.")
+    expand = producer.conv.variables["params"]["kernel"][0, 0]  # a pointwise kernel: (1, 1, Ci, C)
     with jax.named_scope("fused_expand_depthwise_unit"):
-        y, rows, cols = _expand_depthwise_unit(x, expand[0, 0].astype(jnp.float32), in_affine, in_relu6, kernel,
+        y, rows, cols = _expand_depthwise_unit(x, expand.astype(jnp.float32), in_affine, in_relu6, kernel,
                                                unit.stride, out_affine, out_relu6)
     return y, DirectionalSums(rows, cols)
 

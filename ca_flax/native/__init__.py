@@ -11,7 +11,9 @@ them all off.
 - :func:`depthwise_inference`: a MobileNet block's depthwise unit in inference (the
   previous BatchNorm and activation, the depthwise convolution, its BatchNorm and
   activation, and the row and column sums attention blocks pool) in one pass over the
-  feature map (XLA:CPU: five).
+  feature map (XLA:CPU: five). :func:`expand_depthwise_inference` also computes the
+  expand 1x1 convolution before it, a few rows at a time in cache, so the block's widest
+  map is never written to memory.
 - :func:`dense_conv_inference`: a dense convolution with few input channels (the stem),
   its BatchNorm and activation in inference, accumulated in registers per output pixel
   (XLA:CPU: the windows copied out, a matmul, then a normalization pass).
