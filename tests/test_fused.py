@@ -58,13 +58,14 @@ def test_depthwise_inference_equals_its_xla_math(shape, k, stride, in_affine, in
 
 # (N, H, W, Ci), C, kernel size, stride, ReLU6 after the expand and after the depthwise.
 # Widths cover every register tile (C = 144: 64-channel blocks and a 16; 96: 64 + 32;
-# 20: 16 + a scalar tail; 5: the scalar tail alone) and every last-pixel tile (W = 1 to 13);
-# one image of 29 rows splits into several chunks, which recompute their shared rows.
+# 20: 16 + a scalar tail; 5: the scalar tail alone) and, on AVX-512's 6-pixel tiles, rows
+# ending in every partial tile (W = 12, 7, 8, 9, 10, 11: 0 to 5 pixels left over); one
+# image of 29 rows splits into several chunks, which recompute their shared rows.
 EXPAND_CASES = [
     ((2, 9, 7, 8), 144, 3, 1, True, True), ((3, 10, 11, 17), 96, 3, 2, True, False),
     ((1, 7, 13, 24), 20, 5, 1, False, True), ((2, 8, 8, 3), 48, 3, 3, True, True),
-    ((1, 1, 1, 16), 5, 3, 1, True, True), ((4, 3, 2, 8), 32, 3, 2, False, False),
-    ((1, 29, 12, 16), 96, 3, 1, True, True), ((2, 6, 5, 40), 80, 3, 2, True, True),
+    ((1, 1, 1, 16), 5, 3, 1, True, True), ((4, 3, 10, 8), 32, 3, 2, False, False),
+    ((1, 29, 12, 16), 96, 3, 1, True, True), ((2, 6, 9, 40), 80, 3, 2, True, True),
 ]
 
 
