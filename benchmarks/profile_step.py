@@ -34,6 +34,7 @@ from ca_flax.models import create_model
 
 # First match wins; patterns are searched in the HLO op_name (the Flax module path).
 LAYER_TYPES = [
+    ("expand + depthwise unit (native)", r"/fused_expand_depthwise_unit"),
     ("depthwise unit (native)", r"/fused_depthwise_unit"),
     ("stem unit (native)", r"/fused_dense_unit"),
     ("depthwise 3x3 conv", r"/(depthwise|dw[12])/conv"),
@@ -130,11 +131,11 @@ def main() -> None:
     what = "eval call" if args.inference else "step"
     print(f"{args.model} batch={args.batch} {args.image_size}x{args.image_size}: {wall * 1e3:.0f} ms per {what} (traced), "
           f"{total:.0f} ms of kernel time over all threads")
-    print(f"{'layer type':<26}{'forward ms':>12}{'backward ms':>13}{'share':>8}")
+    print(f"{'layer type':<34}{'forward ms':>12}{'backward ms':>13}{'share':>8}")
     labels_ = [label for label, _ in LAYER_TYPES] + ["loss, optimizer, other"]
     for label in sorted(labels_, key=lambda l: -(per_type[(l, 'forward')] + per_type[(l, 'backward')])):
         fwd, bwd = per_type[(label, "forward")], per_type[(label, "backward")]
-        print(f"{label:<26}{fwd:>12.0f}{bwd:>13.0f}{(fwd + bwd) / total:>8.1%}")
+        print(f"{label:<34}{fwd:>12.0f}{bwd:>13.0f}{(fwd + bwd) / total:>8.1%}")
 
 
 if __name__ == "__main__":

@@ -141,8 +141,9 @@ def test_float32_default_inference_path(name, size, batch):
     with torch.no_grad():
         want = reference(x).numpy()
     images = jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
-    if jax.default_backend() == "cpu" and native.depthwise_inference_target() is not None:
-        assert "CaFlaxDepthwiseInference" in jax.jit(model.apply).lower(variables, images).as_text()
+    if jax.default_backend() == "cpu" and native.expand_depthwise_inference_target() is not None:
+        text = jax.jit(model.apply).lower(variables, images).as_text()
+        assert "CaFlaxDepthwiseInference" in text and "CaFlaxExpandDepthwiseInference" in text
     got = np.asarray(jax.jit(model.apply)(variables, images))
     assert float(np.max(np.abs(got - want)) / np.max(np.abs(want))) < LOGIT_RTOL
 
@@ -165,11 +166,11 @@ def test_a_nan_pixel_gives_nan_logits_as_in_pytorch():
         return jax.jit(lambda v, x: model.apply(v, x))
 
     fused = program()
-    if jax.default_backend() == "cpu" and native.depthwise_inference_target() is not None:
-        assert "CaFlaxDepthwiseInference" in fused.lower(variables, images).as_text()
+    if jax.default_backend() == "cpu" and native.expand_depthwise_inference_target() is not None:
+        assert "CaFlaxExpandDepthwiseInference" in fused.lower(variables, images).as_text()
     with native.disabled():
         plain = program()
-        assert "CaFlaxDepthwiseInference" not in plain.lower(variables, images).as_text()
+        assert "DepthwiseInference" not in plain.lower(variables, images).as_text()
         plain = np.asarray(plain(variables, images))
     train = model.apply(variables, images, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(0)})[0]
     for got, want in ((fused(variables, images), want_eval), (plain, want_eval), (train, want_train)):

@@ -17,10 +17,11 @@ from ca_flax.layers import fused
 from ca_flax.models import create_model
 
 requires_kernels = pytest.mark.skipif(
-    native.depthwise_inference_target() is None or native.dense_conv_inference_target() is None,
+    native.depthwise_inference_target() is None or native.dense_conv_inference_target() is None
+    or native.expand_depthwise_inference_target() is None,
     reason="the native kernels cannot be built here (no C++ compiler, or CA_FLAX_NATIVE=0)",
 )
-TARGETS = ("CaFlaxDepthwiseInference", "CaFlaxDenseConvInference")
+TARGETS = ("CaFlaxDepthwiseInference", "CaFlaxExpandDepthwiseInference", "CaFlaxDenseConvInference")
 
 
 def _affine(key, channels):
@@ -55,11 +56,57 @@ def test_depthwise_inference_equals_its_xla_math(shape, k, stride, in_affine, in
         _close(g, w)
 
 
+# (N, H, W, Ci), C, kernel size, stride, ReLU6 after the expand and after the depthwise.
+# Widths cover every register tile (C = 144: 64-channel blocks and a 16; 96: 64 + 32;
+# 20: 16 + a scalar tail; 5: the scalar tail alone) and, on AVX-512's 6-pixel tiles, rows
+# ending in every partial tile (W = 12, 7, 8, 9, 10, 11: 0 to 5 pixels left over); one
+# image of 29 rows splits into several chunks, which recompute their shared rows.
+EXPAND_CASES = [
+    ((2, 9, 7, 8), 144, 3, 1, True, True), ((3, 10, 11, 17), 96, 3, 2, True, False),
+    ((1, 7, 13, 24), 20, 5, 1, False, True), ((2, 8, 8, 3), 48, 3, 3, True, True),
+    ((1, 1, 1, 16), 5, 3, 1, True, True), ((4, 3, 10, 8), 32, 3, 2, False, False),
+    ((1, 29, 12, 16), 96, 3, 1, True, True), ((2, 6, 9, 40), 80, 3, 2, True, True),
+]
+
+
+@requires_kernels
+@pytest.mark.parametrize("shape, c, k, stride, in_relu6, out_relu6", EXPAND_CASES)
+def test_expand_depthwise_inference_equals_its_xla_math(shape, c, k, stride, in_relu6, out_relu6):
+    keys = jax.random.split(jax.random.PRNGKey(sum(shape) + c + k), 5)
+    x = 3 * jax.random.normal(keys[0], shape)
+    expand = jax.random.normal(keys[1], (shape[-1], c)) / np.sqrt(shape[-1])
+    kernel = jax.random.normal(keys[2], (k, k, 1, c))
+    a_in, a_out = _affine(keys[3], c), _affine(keys[4], c)
+    got = jax.jit(native.expand_depthwise_inference, static_argnums=(3, 5, 7))(x, expand, a_in, in_relu6, kernel,
+                                                                                stride, a_out, out_relu6)
+    want = fused.expand_depthwise_unit_math(x, expand, a_in, in_relu6, kernel, stride, a_out, out_relu6)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == jnp.float32
+        _close(g, w, rtol=2e-5)
+
+
+@requires_kernels
+def test_expand_depthwise_inference_does_not_depend_on_the_batch_it_is_in():
+    """An image alone (split into chunks of rows, which recompute the expand rows they
+    share) and in a batch of nine (one chunk each): the same map and row sums to the bit;
+    the column sums add the chunks' partial sums, so only their rounding may differ."""
+    keys = jax.random.split(jax.random.PRNGKey(11), 5)
+    x = jax.random.normal(keys[0], (9, 16, 10, 12))
+    expand, kernel = jax.random.normal(keys[1], (12, 48)), jax.random.normal(keys[2], (3, 3, 1, 48))
+    a_in, a_out = _affine(keys[3], 48), _affine(keys[4], 48)
+    call = jax.jit(native.expand_depthwise_inference, static_argnums=(3, 5, 7))
+    batch = call(x, expand, a_in, True, kernel, 1, a_out, True)
+    alone = call(x[4:5], expand, a_in, True, kernel, 1, a_out, True)
+    for b, a in zip(batch[:2], alone[:2]):
+        np.testing.assert_array_equal(np.asarray(b[4:5]), np.asarray(a))
+    _close(batch[2][4:5], alone[2])
+
+
 @requires_kernels
 @pytest.mark.parametrize(
     "shape, k, out, stride, relu6",
     [((2, 16, 16, 3), 3, 32, 2, True), ((1, 9, 7, 3), 3, 13, 1, False), ((2, 5, 6, 2), 5, 40, 2, True),
-     ((1, 1, 1, 3), 3, 8, 2, True)],
+     ((1, 1, 1, 3), 3, 8, 2, True), ((1, 9, 21, 3), 3, 112, 1, False)],  # 112: 64 + 32 + 16 channels
 )
 def test_dense_conv_inference_equals_its_xla_math(shape, k, out, stride, relu6):
     keys = jax.random.split(jax.random.PRNGKey(sum(shape) + out), 3)
@@ -104,6 +151,20 @@ def test_depthwise_inference_propagates_nan_as_its_xla_math(in_affine, in_relu6,
 
 
 @requires_kernels
+@pytest.mark.parametrize("in_relu6, out_relu6", [(True, True), (False, False)])
+def test_expand_depthwise_inference_propagates_nan_as_its_xla_math(in_relu6, out_relu6):
+    keys = jax.random.split(jax.random.PRNGKey(9), 5)
+    x = _poisoned(jax.random.normal(keys[0], (2, 9, 9, 8)))
+    expand, kernel = jax.random.normal(keys[1], (8, 20)), jax.random.normal(keys[2], (3, 3, 1, 20))
+    a_in, a_out = _affine(keys[3], 20), _affine(keys[4], 20)
+    got = jax.jit(native.expand_depthwise_inference, static_argnums=(3, 5, 7))(x, expand, a_in, in_relu6, kernel, 1,
+                                                                                a_out, out_relu6)
+    want = fused.expand_depthwise_unit_math(x, expand, a_in, in_relu6, kernel, 1, a_out, out_relu6)
+    for g, w in zip(got, want):
+        _same_non_finite(g, w)
+
+
+@requires_kernels
 @pytest.mark.parametrize("relu6", [True, False])
 def test_dense_conv_inference_propagates_nan_as_its_xla_math(relu6):
     keys = jax.random.split(jax.random.PRNGKey(8), 3)
@@ -121,6 +182,10 @@ def test_bad_shapes_are_named_errors():
     with pytest.raises(Exception, match="depthwise inference: shapes do not match"):
         jax.block_until_ready(native.depthwise_inference(jnp.ones((1, 5, 5, 3)), jnp.ones((3, 3, 1, 3)), 1, None, False,
                                                          a, False))
+    if native.expand_depthwise_inference_target() is not None:
+        with pytest.raises(Exception, match="depthwise inference: shapes do not match"):  # expand (5, 4) for Ci = 3
+            jax.block_until_ready(native.expand_depthwise_inference(jnp.ones((1, 5, 5, 3)), jnp.ones((5, 4)), a, True,
+                                                                    jnp.ones((3, 3, 1, 4)), 1, a, True))
 
 
 def _tiny(attention, **kwargs):
@@ -207,10 +272,19 @@ def test_fusions_are_skipped_where_they_do_not_apply(case):
         text = jax.jit(model.init).lower(jax.random.PRNGKey(0), x).as_text()
     else:
         text = jax.jit(functools.partial(model.apply, **kwargs)).lower(variables, x).as_text()
-    depthwise_fused = "CaFlaxDepthwiseInference" in text
-    assert not depthwise_fused
+    assert "DepthwiseInference" not in text  # neither depthwise kernel, with or without its expand
     # The stem has no depthwise option: it is still fused there.
     assert ("CaFlaxDenseConvInference" in text) == (case == "explicit depthwise impl")
+
+
+@requires_kernels
+def test_without_the_expand_kernel_the_expand_matmul_stays_xla(monkeypatch):
+    monkeypatch.setattr(native, "expand_depthwise_inference_target", lambda: None)
+    model, variables, x = _tiny("ca"), _variables("ca"), _images(2)
+    program = jax.jit(lambda v, x: model.apply(v, x))
+    text = program.lower(variables, x).as_text()
+    assert "CaFlaxDepthwiseInference" in text and "CaFlaxExpandDepthwiseInference" not in text
+    _close(program(variables, x), jax.jit(functools.partial(_unfused, model))(variables, x), rtol=2e-5)
 
 
 @requires_kernels

@@ -85,10 +85,10 @@ def test_float32_logits_and_maps_match_pytorch(size):
     errors = _compare(reference, model, variables, _images(size))
     assert errors["logits"] < 1e-4, errors
     assert max(errors.values()) < 5e-4, errors
-    if jax.default_backend() == "cpu" and native.depthwise_inference_target() is not None:
+    if jax.default_backend() == "cpu" and native.expand_depthwise_inference_target() is not None:
         # What was compared is the fused path: dw2 with its producer pw2 in one kernel.
         images = jnp.zeros((2, size, size, 3))
-        assert "CaFlaxDepthwiseInference" in jax.jit(model.apply).lower(variables, images).as_text()
+        assert "CaFlaxExpandDepthwiseInference" in jax.jit(model.apply).lower(variables, images).as_text()
 
 
 def test_outputs_depend_on_the_input():

@@ -8,8 +8,12 @@ In eval mode an inverted residual computes, after its expand matmul,
 and all of it is local: each output pixel needs a 3x3 window of the expand output and
 two per-channel affine maps from the running statistics. XLA:CPU runs it as several
 passes over the block's widest map; :func:`depthwise_unit_inference` runs it as one
-native kernel (:func:`ca_flax.native.depthwise_inference`) that reads the expand output
-once and writes the unit's output and its row and column sums, which CA and SE pool.
+native kernel that writes the unit's output and its row and column sums, which CA and SE
+pool. With the expand unit as its producer the kernel computes the expand matmul too, a
+few rows at a time into a buffer in cache
+(:func:`ca_flax.native.expand_depthwise_inference`), so the expand output, the block's
+widest map, is never written to memory; without one
+(:func:`ca_flax.native.depthwise_inference`) it reads its input once.
 
 The stem (a 3x3 convolution of the 3-channel image, BatchNorm, ReLU6) is the other
 unit XLA:CPU runs poorly at inference: it copies every window out for a matmul, then
@@ -37,7 +41,7 @@ import jax.numpy as jnp
 
 from ca_flax import native
 from ca_flax.layers.activations import get_activation, relu6
-from ca_flax.layers.conv import conv2d
+from ca_flax.layers.conv import conv2d, pointwise_matmul
 from ca_flax.layers.depthwise import depthwise_conv
 from ca_flax.layers.pooling import DirectionalSums
 from ca_flax.layers.recompute import recompute_in_backward
@@ -96,6 +100,19 @@ _depthwise_unit = recompute_in_backward(
 )
 
 
+def expand_depthwise_unit_math(
+    x: jax.Array, expand: jax.Array, in_affine: EvalAffine, in_relu6: bool, kernel: jax.Array, stride: int,
+    out_affine: EvalAffine, out_relu6: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """What :func:`ca_flax.native.expand_depthwise_inference` computes, in XLA."""
+    return depthwise_unit_math(pointwise_matmul(x, expand), kernel, in_affine, out_affine, stride, in_relu6, out_relu6)
+
+
+_expand_depthwise_unit = recompute_in_backward(
+    expand_depthwise_unit_math, static_argnums=(3, 5, 7), forward=native.expand_depthwise_inference,
+)
+
+
 def fuses_depthwise_unit(unit: ConvBNAct, producer: ConvBNAct | None, x: jax.Array, train: bool) -> bool:
     """Whether :func:`depthwise_unit_inference` may replace ``unit(producer(x))``.
 
@@ -114,17 +131,25 @@ def depthwise_unit_inference(
     unit: ConvBNAct, producer: ConvBNAct | None, x: jax.Array
 ) -> tuple[jax.Array, DirectionalSums]:
     """``unit(producer(x), train=False)`` (``unit(x)`` without a producer) in one native
-    kernel after ``producer``'s convolution, with the output's row and column sums.
-    Check :func:`fuses_depthwise_unit` first."""
-    in_affine, in_relu6 = None, False
-    if producer is not None:
-        x = producer.convolve(x)
-        in_affine, in_relu6 = EvalAffine(*producer.bn.eval_affine()), bool(_relu6_flag(producer.activation))
+    kernel, with the output's row and column sums; the producer's convolution runs inside
+    it (or, where that kernel is unavailable, as XLA's matmul before it). Check
+    :func:`fuses_depthwise_unit` first."""
     kernel = unit.conv.variables["params"]["kernel"].astype(jnp.float32)  # as the vectors: whatever was loaded
-    out_affine = EvalAffine(*unit.bn.eval_affine())
-    with jax.named_scope("fused_depthwise_unit"):  # a row of its own in benchmarks/profile_step.py
-        y, rows, cols = _depthwise_unit(x, kernel, in_affine, out_affine, unit.stride, in_relu6,
-                                        bool(_relu6_flag(unit.activation)))
+    out_affine, out_relu6 = EvalAffine(*unit.bn.eval_affine()), bool(_relu6_flag(unit.activation))
+    if producer is None:
+        with jax.named_scope("fused_depthwise_unit"):  # a row of its own in benchmarks/profile_step.py
+            y, rows, cols = _depthwise_unit(x, kernel, None, out_affine, unit.stride, False, out_relu6)
+        return y, DirectionalSums(rows, cols)
+    in_affine, in_relu6 = EvalAffine(*producer.bn.eval_affine()), bool(_relu6_flag(producer.activation))
+    if native.expand_depthwise_inference_target() is None:
+        with jax.named_scope("fused_depthwise_unit"):
+            y, rows, cols = _depthwise_unit(producer.convolve(x), kernel, in_affine, out_affine, unit.stride,
+                                            in_relu6, out_relu6)
+        return y, DirectionalSums(rows, cols)
+    expand = producer.conv.variables["params"]["kernel"][0, 0]  # a pointwise kernel: (1, 1, Ci, C)
+    with jax.named_scope("fused_expand_depthwise_unit"):
+        y, rows, cols = _expand_depthwise_unit(x, expand.astype(jnp.float32), in_affine, in_relu6, kernel,
+                                               unit.stride, out_affine, out_relu6)
     return y, DirectionalSums(rows, cols)
 
 

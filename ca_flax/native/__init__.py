@@ -11,7 +11,9 @@ them all off.
 - :func:`depthwise_inference`: a MobileNet block's depthwise unit in inference (the
   previous BatchNorm and activation, the depthwise convolution, its BatchNorm and
   activation, and the row and column sums attention blocks pool) in one pass over the
-  feature map (XLA:CPU: five).
+  feature map (XLA:CPU: five). :func:`expand_depthwise_inference` also computes the
+  expand 1x1 convolution before it, a few rows at a time in cache, so the block's widest
+  map is never written to memory.
 - :func:`dense_conv_inference`: a dense convolution with few input channels (the stem),
   its BatchNorm and activation in inference, accumulated in registers per output pixel
   (XLA:CPU: the windows copied out, a matmul, then a normalization pass).
@@ -35,7 +37,8 @@ from ca_flax.native.loader import DISABLE_ENV, NativeBuildError, build, cache_di
 __all__ = [
     "DISABLE_ENV", "NativeBuildError", "build", "cache_dir", "disabled", "enabled", "depthwise_kernel_grad",
     "depthwise_kernel_grad_target", "EvalAffine", "depthwise_inference", "depthwise_inference_target",
-    "dense_conv_inference", "dense_conv_inference_target", "batch_norm_train_target",
+    "expand_depthwise_inference", "expand_depthwise_inference_target", "dense_conv_inference",
+    "dense_conv_inference_target", "batch_norm_train_target",
     "batch_norm_train_statistics", "batch_norm_train_backward",
 ]
 
@@ -104,6 +107,33 @@ def depthwise_inference(
     call = jax.ffi.ffi_call(target, results, vmap_method="sequential")
     return call(x, kernel, *vectors, stride=np.int64(stride), in_affine=in_affine is not None,
                 in_relu6=bool(in_relu6), out_relu6=bool(out_relu6))
+
+
+def expand_depthwise_inference_target() -> str | None:
+    """The FFI target of the fused expand + depthwise inference unit, or None where it is unavailable."""
+    return ffi_target("depthwise_inference", "CaFlaxExpandDepthwiseInference")
+
+
+def expand_depthwise_inference(
+    x: jax.Array, expand: jax.Array, in_affine: EvalAffine, in_relu6: bool, kernel: jax.Array, stride: int,
+    out_affine: EvalAffine, out_relu6: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`depthwise_inference` of ``x @ expand`` (a 1x1 convolution's ``(Ci, C)``
+    kernel on the NHWC ``x`` of ``Ci`` channels) with ``in_affine`` as its BatchNorm, in one
+    pass: the expand output is computed a few rows at a time into the kernel's row buffer
+    and never written out. Float32 on CPU only: the caller checks
+    :func:`expand_depthwise_inference_target` first."""
+    target = _float32_target(expand_depthwise_inference_target(), "expand + depthwise inference unit", x, expand,
+                             kernel)
+    n, h, w, _ = x.shape
+    c = expand.shape[-1]
+    oh, ow = (h - 1) // stride + 1, (w - 1) // stride + 1
+    vectors = [v.astype(jnp.float32) for v in (*in_affine, *out_affine)]
+    results = (jax.ShapeDtypeStruct((n, oh, ow, c), jnp.float32), jax.ShapeDtypeStruct((n, oh, c), jnp.float32),
+               jax.ShapeDtypeStruct((n, ow, c), jnp.float32))
+    call = jax.ffi.ffi_call(target, results, vmap_method="sequential")
+    return call(x, expand, kernel, *vectors, stride=np.int64(stride), in_relu6=bool(in_relu6),
+                out_relu6=bool(out_relu6))
 
 
 def dense_conv_inference_target() -> str | None:

@@ -26,7 +26,6 @@
 // not depend on the thread count.
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <numeric>
 #include <vector>

@@ -12,7 +12,8 @@
 // values per output pixel, more bytes than the image), and XLA:CPU then normalizes the
 // output in another pass. Here each output pixel's Co channels are accumulated in
 // registers, one broadcast input value times one kernel row per tap, and normalized
-// before they are stored: one read of the image, one write of the output.
+// before they are stored: one read of the image, one write of the output. Several pixels
+// share each kernel row load, and give the core independent chains of multiply-adds.
 //
 // Rounding: taps are summed in (a, b, ci) order in float32; BatchNorm as
 // x * mul + (bias - mean * mul), as PyTorch's CPU inference kernel folds it.
@@ -47,41 +48,74 @@ struct Problem {
   int64_t h, w, ci, co, oh, ow, kh, kw, stride;
 };
 
-constexpr int64_t kVectors = 4;  // output channels per register block: 4 x kLanes
+// A register tile: kPx pixels of a row times kCount vectors of output channels, each
+// accumulator its own chain of multiply-adds (a stem has 32 outputs, two vectors: one
+// pixel at a time left the core waiting on each chain's latency). kPx * kCount + kCount
+// + 1 registers must fit: 32 AVX-512 registers hold a Vec each, AVX2 and NEON need two
+// and four per Vec.
+#if defined(__AVX512F__)
+constexpr int64_t kTileVectors = 4, kTileUnits = 16;  // up to 4 x 4, 8 x 2 or 16 x 1
+#else
+constexpr int64_t kTileVectors = 2, kTileUnits = 4;  // up to 2 x 2 or 4 x 1
+#endif
 
-// Output channels [o0, o0 + vectors * kLanes) of pixel j of the output row whose input
-// rows are `rows` (kH padded rows, nullptr where the row is padding).
-template <bool kRelu6, int64_t kCount>
-void Pixel(const Problem& p, const float* const* rows, int64_t j, int64_t o0, float* out) {
-  Vec acc[kCount];
-  for (int64_t v = 0; v < kCount; ++v) acc[v] = Splat(0.0f);
+// Output channels [o0, o0 + kCount * kLanes) of pixels [j, j + kPx) of the output row whose
+// input rows are `rows` (kH padded rows, nullptr where the row is padding).
+template <bool kRelu6, int64_t kPx, int64_t kCount>
+void Tile(const Problem& p, const float* const* rows, int64_t j, int64_t o0, float* out_row) {
+  Vec acc[kPx][kCount];
+  for (int64_t u = 0; u < kPx; ++u) {
+    for (int64_t v = 0; v < kCount; ++v) acc[u][v] = Splat(0.0f);
+  }
   for (int64_t a = 0; a < p.kh; ++a) {
     if (rows[a] == nullptr) continue;
     const float* in = rows[a] + p.stride * j * p.ci;
     const float* kern = p.kernel + a * p.kw * p.ci * p.co + o0;
     for (int64_t t = 0; t < p.kw * p.ci; ++t) {  // (b, ci) are contiguous in both
-      const Vec value = Splat(in[t]);
-      for (int64_t v = 0; v < kCount; ++v) acc[v] += value * Load(kern + t * p.co + v * kLanes);
+      Vec weights[kCount];
+      for (int64_t v = 0; v < kCount; ++v) weights[v] = Load(kern + t * p.co + v * kLanes);
+      for (int64_t u = 0; u < kPx; ++u) {
+        const Vec value = Splat(in[u * p.stride * p.ci + t]);
+        for (int64_t v = 0; v < kCount; ++v) acc[u][v] += value * weights[v];
+      }
     }
   }
-  for (int64_t v = 0; v < kCount; ++v) Store(out + o0 + v * kLanes, Act<kRelu6>(p.bn(acc[v], o0 + v * kLanes)));
+  for (int64_t u = 0; u < kPx; ++u) {
+    float* out = out_row + (j + u) * p.co + o0;
+    for (int64_t v = 0; v < kCount; ++v) Store(out + v * kLanes, Act<kRelu6>(p.bn(acc[u][v], o0 + v * kLanes)));
+  }
+}
+
+// kCount vectors of channels from o0 for every pixel of the row: as many pixels per tile
+// as the registers allow, the last ones one at a time.
+template <bool kRelu6, int64_t kCount>
+void Columns(const Problem& p, const float* const* rows, int64_t o0, float* out_row) {
+  constexpr int64_t kPx = kTileUnits / kCount;
+  int64_t j = 0;
+  for (; j + kPx <= p.ow; j += kPx) Tile<kRelu6, kPx, kCount>(p, rows, j, o0, out_row);
+  for (; j < p.ow; ++j) Tile<kRelu6, 1, kCount>(p, rows, j, o0, out_row);
 }
 
 template <bool kRelu6>
 void Row(const Problem& p, const float* const* rows, float* out_row) {
-  for (int64_t j = 0; j < p.ow; ++j) {
-    float* out = out_row + j * p.co;
-    int64_t o0 = 0;
-    for (; o0 + kVectors * kLanes <= p.co; o0 += kVectors * kLanes) Pixel<kRelu6, kVectors>(p, rows, j, o0, out);
-    for (; o0 + kLanes <= p.co; o0 += kLanes) Pixel<kRelu6, 1>(p, rows, j, o0, out);
-    for (; o0 < p.co; ++o0) {  // channels past the last multiple of kLanes
+  int64_t o0 = 0;
+  for (; o0 + kTileVectors * kLanes <= p.co; o0 += kTileVectors * kLanes) {
+    Columns<kRelu6, kTileVectors>(p, rows, o0, out_row);
+  }
+  if (kTileVectors > 2 && o0 + 2 * kLanes <= p.co) {
+    Columns<kRelu6, 2>(p, rows, o0, out_row);
+    o0 += 2 * kLanes;
+  }
+  for (; o0 + kLanes <= p.co; o0 += kLanes) Columns<kRelu6, 1>(p, rows, o0, out_row);
+  for (; o0 < p.co; ++o0) {  // channels past the last multiple of kLanes
+    for (int64_t j = 0; j < p.ow; ++j) {
       float acc = 0.0f;
       for (int64_t a = 0; a < p.kh; ++a) {
         if (rows[a] == nullptr) continue;
         const float* in = rows[a] + p.stride * j * p.ci;
         for (int64_t t = 0; t < p.kw * p.ci; ++t) acc += in[t] * p.kernel[(a * p.kw * p.ci + t) * p.co + o0];
       }
-      out[o0] = Act<kRelu6>(p.bn(acc, o0));
+      out_row[j * p.co + o0] = Act<kRelu6>(p.bn(acc, o0));
     }
   }
 }
